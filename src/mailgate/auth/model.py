@@ -1,0 +1,150 @@
+"""The values that flow from a protocol core to an authenticator and on to the backend.
+
+Everything here is plain data: frozen, slotted dataclasses and enums. The protocol cores
+produce `Credentials`; an `Authenticator` turns them plus `ClientInfo` into a `Decision`;
+the session driver acts on the decision. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class Secret:
+    """A password or digest that must never be printed.
+
+    `repr` and `str` are redacted so a secret cannot leak through a log line, an f-string or
+    an exception message by accident; `reveal()` is the one explicit way to get the value.
+    Comparison is constant-time and only through `equals`.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def equals(self, other: Secret | str) -> bool:
+        theirs = other.reveal() if isinstance(other, Secret) else other
+        return hmac.compare_digest(
+            self._value.encode("utf-8", "surrogateescape"),
+            theirs.encode("utf-8", "surrogateescape"),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> object:  # never let a secret be pickled into a crash dump
+        raise TypeError("Secret cannot be pickled")
+
+
+class Method(StrEnum):
+    """How the client proved who it is. Values are what we log."""
+
+    PLAIN = "plain"  # IMAP LOGIN, AUTHENTICATE PLAIN, POP3 USER/PASS, SMTP AUTH PLAIN
+    LOGIN = "login"  # SASL LOGIN: nginx reports it as "plain" to auth_http
+    CRAM_MD5 = "cram-md5"  # secret is the client's hex digest, salt the challenge
+    APOP = "apop"  # secret is the client's hex digest, salt the greeting timestamp
+    NONE = "none"  # SMTP relay without AUTH: the envelope decides
+
+    @property
+    def auth_http_name(self) -> str:
+        """The Auth-Method value nginx sends for this method."""
+        return "plain" if self is Method.LOGIN else self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    method: Method
+    user: str
+    secret: Secret
+    salt: str | None = None  # CRAM-MD5 challenge / APOP timestamp, angle brackets included
+    attempt: int = 1  # Auth-Login-Attempt: 1 for the first try in this session
+    # SMTP "auth none" (relay): the whole command lines, as nginx sends them.
+    smtp_helo: str | None = None
+    smtp_from: str | None = None
+    smtp_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    protocol: str  # e.g. "TLSv1.3"
+    cipher: str  # e.g. "TLS_AES_256_GCM_SHA384"
+    # Client certificate facts, sent only when auth_http.pass_client_cert is on.
+    client_verify: str = "NONE"  # "SUCCESS" | "FAILED" | "NONE", as nginx's Auth-SSL-Verify
+    client_subject: str | None = None
+    client_issuer: str | None = None
+    client_serial: str | None = None
+    client_fingerprint: str | None = None  # SHA-1, hex
+    client_cert_pem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    ip: str
+    port: int
+    protocol: str  # "imap" | "pop3" | "smtp"
+    local_ip: str = ""
+    local_port: int = 0
+    tls: TlsInfo | None = None
+    host: str | None = None  # reverse DNS name; None when not resolved
+
+
+class BackendTLS(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Log in to `host:port` as `user` with `secret` (already in master-user form if any)."""
+
+    host: str
+    port: int
+    user: str
+    secret: Secret
+    tls: BackendTLS | None = None  # None: use the [backend] setting
+    mailstore: str | None = None  # a name for logs and metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Wrong credentials (or a policy refusal). The client may try again after `wait` seconds."""
+
+    message: str = "Authentication failed."
+    wait: float = 0.0
+    error_code: str | None = None  # SMTP Auth-Error-Code, e.g. "535 5.7.8"
+
+
+@dataclass(frozen=True, slots=True)
+class TempFail:
+    """The answer could not be had (outage, timeout, garbage). Never shown as a bad password."""
+
+    reason: str  # for the log only, never for the client
+    wait: float = 0.0
+
+
+Decision = Route | Reject | TempFail
+
+
+class Authenticator(Protocol):
+    """Decides whether a login is valid and where it goes.
+
+    Implementations never raise for an outage: a timeout, a dropped connection or a garbled
+    answer is a `TempFail`.
+    """
+
+    async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,136 @@
+"""The one async driver for backend logins: open TCP (and TLS), run a sans-I/O login core,
+hand back the open connection or raise `BackendError`.
+
+Every wait is under one deadline: connect has its own timeout, then greeting, STARTTLS, ID or
+XCLIENT and the login itself share `login_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+from mailgate.auth.model import BackendTLS, Route
+from mailgate.backend import ClientAddress
+from mailgate.backend.imap import ImapLogin
+from mailgate.backend.pop3 import Pop3Login
+from mailgate.netio import Channel
+from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
+
+LoginCore = ImapLogin | Pop3Login
+
+
+class BackendError(Exception):
+    """The backend could not be reached or refused the login. `detail` is for the log."""
+
+    def __init__(self, detail: str, *, temporary: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.temporary = temporary
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """The [backend] settings as the driver needs them, built once at start."""
+
+    tls: BackendTLS
+    tls_context: ssl.SSLContext
+    server_name: str | None
+    forward_client: bool
+    imap_auth: str
+    pop3_auth: str
+    connect_timeout: float
+    login_timeout: float
+
+
+@dataclass(slots=True)
+class BackendConnection:
+    channel: Channel
+    reply: bytes  # the backend's success line (no tag, no CRLF)
+    trailing: bytes  # bytes the backend sent after it
+
+
+def make_core(
+    protocol: str, route: Route, opts: BackendOptions, forward: ClientAddress | None, starttls: bool
+) -> LoginCore:
+    if protocol == "imap":
+        return ImapLogin(
+            route.user, route.secret, starttls=starttls, mechanism=opts.imap_auth, forward=forward
+        )
+    if protocol == "pop3":
+        return Pop3Login(
+            route.user, route.secret, starttls=starttls, mechanism=opts.pop3_auth, forward=forward
+        )
+    raise ValueError(f"no backend login core for {protocol}")
+
+
+async def login(
+    route: Route,
+    protocol: str,
+    opts: BackendOptions,
+    forward: ClientAddress | None,
+    core: LoginCore | None = None,
+) -> BackendConnection:
+    mode = route.tls or opts.tls
+    server_name = opts.server_name or route.host
+    if core is None:
+        core = make_core(
+            protocol,
+            route,
+            opts,
+            forward if opts.forward_client else None,
+            mode is BackendTLS.STARTTLS,
+        )
+    loop = asyncio.get_running_loop()
+    where = f"{route.host}:{route.port}"
+    try:
+        async with asyncio.timeout(opts.connect_timeout):
+            _, channel = await loop.create_connection(
+                Channel,
+                route.host,
+                route.port,
+                ssl=opts.tls_context if mode is BackendTLS.IMPLICIT else None,
+                server_hostname=server_name if mode is BackendTLS.IMPLICIT else None,
+            )
+    except TimeoutError:
+        raise BackendError(f"connect to {where} timed out", temporary=True) from None
+    except (OSError, ssl.SSLError) as e:
+        raise BackendError(f"connect to {where} failed: {e}", temporary=True) from None
+    try:
+        async with asyncio.timeout(opts.login_timeout):
+            return await _drive(channel, core, opts, server_name)
+    except TimeoutError:
+        channel.abort()
+        raise BackendError(f"login at {where} timed out", temporary=True) from None
+    except (OSError, ssl.SSLError) as e:
+        channel.abort()
+        raise BackendError(f"login at {where} failed: {e}", temporary=True) from None
+    except BackendError as e:
+        channel.close()
+        raise BackendError(f"{where}: {e.detail}", temporary=e.temporary) from None
+
+
+async def _drive(
+    channel: Channel, core: LoginCore, opts: BackendOptions, server_name: str
+) -> BackendConnection:
+    pending: list[BackendEvent] = []
+    while True:
+        if not pending:
+            pending = core.receive(await channel.recv())
+            continue
+        match pending.pop(0):
+            case Send(data=out):
+                channel.write(out)
+            case StartTLS():
+                await channel.start_tls(
+                    opts.tls_context,
+                    server_side=False,
+                    server_hostname=server_name,
+                    timeout=opts.login_timeout,
+                )
+                pending = core.tls_started()  # the core discards anything after its STARTTLS
+            case BackendReady(reply=reply, trailing=trailing):
+                return BackendConnection(channel, reply, trailing + channel.take_buffer())
+            case BackendFailed(temporary=temporary, detail=detail):
+                raise BackendError(detail, temporary=temporary)

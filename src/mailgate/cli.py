@@ -1,0 +1,109 @@
+"""Command line: parsing and dispatch only. The one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mailgate import __version__
+from mailgate.config import ConfigError, Settings, load
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mailgate import server
+
+    settings = load(args.config)
+    if not settings.listeners:
+        print(f"{args.config}: no [[listener]] configured", file=sys.stderr)
+        return EXIT_USAGE
+    server.configure_logging(settings.log_level)
+    return server.serve(settings)
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    from mailgate import tls
+
+    tls.server_context(settings.tls)  # certificates must load
+    tls.backend_context(settings.backend)
+    for listener in settings.listeners:
+        methods = ",".join(listener.auth)
+        print(f"{listener.protocol} on {listener.address} tls={listener.tls} auth={methods}")
+    source = (
+        "directory " + settings.directory.url.split("://")[0] if settings.directory else "auth_http"
+    )
+    print(f"{args.config}: ok ({len(settings.listeners)} listeners, {source})")
+    return EXIT_OK
+
+
+def _auth_server(args: argparse.Namespace) -> int:
+    from mailgate import authserver, server
+    from mailgate.auth.factory import build_authenticator
+
+    settings = load(args.config)
+    server.configure_logging(settings.log_level)
+
+    async def run() -> None:
+        authenticator = build_authenticator(settings)
+        try:
+            await authserver.serve(settings, authenticator)
+        finally:
+            await authenticator.close()
+
+    loop = server._new_loop()
+    try:
+        loop.run_until_complete(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.close()
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailgate", description="A mail login proxy.")
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="mailgate.toml")
+        p.set_defaults(func=func)
+        return p
+
+    command("serve", _serve, "run the proxy")
+    command("check", _check, "validate the configuration and exit")
+    command("auth-server", _auth_server, "serve the nginx auth_http protocol over HTTP")
+    try:
+        from mailgate import cli_admin
+    except ImportError:  # the directory's extra dependencies are not installed
+        pass
+    else:
+        cli_admin.register(sub, load_settings)
+    return parser
+
+
+def load_settings(path: str) -> Settings:
+    return load(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as e:
+        print(f"mailgate: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"mailgate: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,485 @@
+"""TOML configuration, validated once at start into frozen settings.
+
+Names mirror nginx's mail directives where one exists (`auth_http`, `auth_http_header`,
+`proxy_timeout`, `imap_capabilities` -> `[imap] capabilities`, `starttls only`), so an operator
+can port an nginx `mail {}` block line by line. Every error names the key path and what is
+wrong; nothing here exits the process (that is `cli.py`'s job).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailgate.auth.http import AuthHttpSettings
+from mailgate.auth.model import BackendTLS, Secret
+
+PROTOCOLS = ("imap", "pop3", "smtp")
+# Default ports of the protocols, used when a route names no port (the seed's table).
+DEFAULT_PORTS = {"imap": 143, "pop3": 110, "smtp": 25}
+AUTH_METHODS = {
+    "imap": ("login", "plain", "cram-md5"),
+    "pop3": ("user", "apop", "plain", "login", "cram-md5"),
+    "smtp": ("plain", "login", "cram-md5", "none"),
+}
+DEFAULT_AUTH = {"imap": ("login", "plain"), "pop3": ("user", "plain"), "smtp": ("plain", "login")}
+DEFAULT_CAPABILITIES = {
+    # What Dovecot advertises before login; the backend's own list is passed on after login.
+    "imap": ("IMAP4rev1", "IDLE", "ENABLE"),
+    "pop3": ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"),
+    # 35882577 is nginx's and Postfix's customary SIZE; an operator sets the backend's own.
+    "smtp": ("SIZE 35882577", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
+}
+DEFAULT_GREETING = {"imap": "mailgate ready.", "pop3": "mailgate ready.", "smtp": "mailgate ESMTP"}
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong. The message names the key path."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    protocol: str
+    host: str  # "" means every address
+    port: int
+    tls: str  # "none" | "starttls" | "implicit"
+    starttls_only: bool
+    auth: tuple[str, ...]  # the protocol's [section].auth unless the listener overrides it
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSettings:
+    auth: tuple[str, ...]
+    capabilities: tuple[str, ...]
+    greeting: str
+    max_errors: int
+    # nginx `timeout`: the longest wait for one client read before login.
+    client_timeout: float
+    # The whole pre-auth phase, so a client trickling bytes cannot hold a slot (Dovecot's
+    # login processes give up after 3 minutes; a real client logs in within seconds).
+    login_timeout: float
+    # Relay idle timeout. IMAP IDLE clients re-issue IDLE every 29 minutes (RFC 2177), so
+    # anything under 30 minutes cuts them; nginx's default is 24 hours.
+    proxy_timeout: float
+    greeting_delay: float = 0.0  # SMTP only: nginx smtp_greeting_delay
+
+
+@dataclass(frozen=True, slots=True)
+class SniCertificate:
+    server_name: str
+    certificate: Path
+    certificate_key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    certificate: Path | None = None
+    certificate_key: Path | None = None
+    min_protocol: str = "TLSv1.2"  # RFC 8996 deprecates 1.0 and 1.1
+    ciphers: str | None = None  # None: OpenSSL's defaults, which are safe for 1.2 and 1.3
+    sni: tuple[SniCertificate, ...] = ()
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    tls: BackendTLS = BackendTLS.NONE
+    verify: bool = True  # verify the backend's certificate when TLS is used
+    ca_file: Path | None = None
+    server_name: str | None = None  # name to verify; default: the route's host
+    forward_client: bool = False  # IMAP ID x-originating-ip / POP3 and SMTP XCLIENT
+    imap_auth: str = "login"  # "login" | "plain"
+    pop3_auth: str = "user"  # "user" | "plain"
+    smtp_mode: str = "xclient"  # "xclient" | "auth"
+    connect_timeout: float = 5.0
+    login_timeout: float = 10.0  # greeting, TLS and login together
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryQueries:
+    """An existing schema, as Dovecot's passdb sql: named parameters :user, :domain, :protocol.
+
+    `password` returns one row with a column `password` ({SCHEME}value or a bare crypt string)
+    and optional `user` (the login to use on the backend), `active`. `route` returns `host`
+    (may be "smtp:10.0.0.5" or "host:port", as postfix transport maps), optional `port`.
+    """
+
+    password: str
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorySettings:
+    url: str  # SQLAlchemy URL; a relative sqlite path is relative to the config file
+    queries: DirectoryQueries | None = None  # None: mailgate's own schema
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    # For a custom schema: log in to backends as a master user (Dovecot user*master form).
+    master_user: str | None = None
+    master_password: Secret | None = None
+    master_separator: str = "*"
+    cache_ttl: float = 60.0  # routes; a disabled user or a moved mailbox is seen within this
+    cache_size: int = 100_000
+    pool_size: int = 5
+    query_timeout: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleSettings:
+    enabled: bool = True
+    # Failures counted per client IP and per user within `window`; each failure past `free`
+    # doubles the delay from `base_delay` up to `max_delay`. Above `lockout_after` failures
+    # the IP or user is refused for `lockout` seconds, whatever the password.
+    free: int = 2
+    base_delay: float = 1.0
+    max_delay: float = 15.0
+    lockout_after: int = 20
+    lockout: float = 300.0
+    window: float = 900.0
+    redis_url: str | None = None  # share counters between hosts
+
+
+@dataclass(frozen=True, slots=True)
+class AuthServerSettings:
+    listen: str = "127.0.0.1:9000"
+    # Requests must carry these headers with these values (nginx auth_http_header).
+    required_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listeners: tuple[ListenerSettings, ...]
+    protocols: Mapping[str, ProtocolSettings]
+    tls: TlsSettings
+    backend: BackendSettings
+    auth_http: AuthHttpSettings | None
+    directory: DirectorySettings | None
+    throttle: ThrottleSettings
+    auth_server: AuthServerSettings
+    workers: int = 1
+    hostname: str = "localhost"
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    metrics_listen: str | None = None
+    source: Path | None = None
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(raw, base_dir=path.parent, source=path)
+
+
+def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None) -> Settings:
+    t = _Table(raw, "", base_dir)
+    protocols = {p: _protocol(t.table(p), p, t) for p in PROTOCOLS}
+    listeners = tuple(_listener(lt, protocols) for lt in t.tables("listener"))
+    tls = _tls(t.table("tls"))
+    for lst in listeners:
+        if lst.tls != "none" and tls.certificate is None:
+            raise ConfigError(f"listener {lst.address}: tls = {lst.tls!r} needs [tls] certificate")
+    auth_http = _auth_http(t.table("auth_http")) if "auth_http" in raw else None
+    directory = _directory(t.table("directory")) if "directory" in raw else None
+    if listeners and auth_http is None and directory is None:
+        raise ConfigError("either [auth_http] or [directory] must be configured")
+    if auth_http is not None and directory is not None:
+        raise ConfigError("[auth_http] and [directory] are exclusive: configure one")
+    settings = Settings(
+        listeners=listeners,
+        protocols=protocols,
+        tls=tls,
+        backend=_backend(t.table("backend")),
+        auth_http=auth_http,
+        directory=directory,
+        throttle=_throttle(t.table("throttle")),
+        auth_server=_auth_server(t.table("auth_server")),
+        workers=_workers(t.get("workers", (int, str), 1)),
+        hostname=t.get("hostname", str, "localhost"),
+        shutdown_timeout=t.number("shutdown_timeout", 30.0),
+        log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+        metrics_listen=t.get("metrics_listen", str, None),
+        source=source,
+    )
+    t.check_unknown()
+    return settings
+
+
+def _protocol(t: _Table, protocol: str, top: _Table) -> ProtocolSettings:
+    auth = t.str_list("auth", DEFAULT_AUTH[protocol])
+    for method in auth:
+        if method not in AUTH_METHODS[protocol]:
+            raise ConfigError(f"{t.key('auth')}: unknown method {method!r}")
+    settings = ProtocolSettings(
+        auth=auth,
+        capabilities=t.str_list("capabilities", DEFAULT_CAPABILITIES[protocol]),
+        greeting=_line(t, "greeting", DEFAULT_GREETING[protocol]),
+        max_errors=t.integer("max_errors", top.integer("max_errors", 5)),
+        client_timeout=t.number("client_timeout", top.number("client_timeout", 30.0)),
+        login_timeout=t.number("login_timeout", top.number("login_timeout", 60.0)),
+        proxy_timeout=t.number("proxy_timeout", top.number("proxy_timeout", 3600.0)),
+        greeting_delay=t.number("greeting_delay", 0.0),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _listener(t: _Table, protocols: Mapping[str, ProtocolSettings]) -> ListenerSettings:
+    protocol = t.choice("protocol", PROTOCOLS, None)
+    host, port = parse_address(t.required("listen", str), t.key("listen"))
+    auth = t.str_list("auth", protocols[protocol].auth)
+    for method in auth:
+        if method not in AUTH_METHODS[protocol]:
+            raise ConfigError(f"{t.key('auth')}: unknown method {method!r}")
+    tls = t.choice("tls", ("none", "starttls", "implicit"), "none")
+    starttls_only = t.get("starttls_only", bool, False)
+    if starttls_only and tls != "starttls":
+        raise ConfigError(f"{t.key('starttls_only')}: only makes sense with tls = 'starttls'")
+    t.check_unknown()
+    return ListenerSettings(protocol, host, port, tls, starttls_only, auth)
+
+
+def _tls(t: _Table) -> TlsSettings:
+    cert, key = t.path("certificate"), t.path("certificate_key")
+    if (cert is None) != (key is None):
+        raise ConfigError("[tls]: certificate and certificate_key go together")
+    sni = tuple(
+        SniCertificate(
+            s.required("server_name", str),
+            s.required_path("certificate"),
+            s.required_path("certificate_key"),
+        )
+        for s in t.tables("sni")
+    )
+    settings = TlsSettings(
+        certificate=cert,
+        certificate_key=key,
+        min_protocol=t.choice("min_protocol", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
+        ciphers=t.get("ciphers", str, None),
+        sni=sni,
+        handshake_timeout=t.number("handshake_timeout", 10.0),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _backend(t: _Table) -> BackendSettings:
+    settings = BackendSettings(
+        tls=BackendTLS(t.choice("tls", tuple(m.value for m in BackendTLS), "none")),
+        verify=t.get("verify", bool, True),
+        ca_file=t.path("ca_file"),
+        server_name=t.get("server_name", str, None),
+        forward_client=t.get("forward_client", bool, False),
+        imap_auth=t.choice("imap_auth", ("login", "plain"), "login"),
+        pop3_auth=t.choice("pop3_auth", ("user", "plain"), "user"),
+        smtp_mode=t.choice("smtp_mode", ("xclient", "auth"), "xclient"),
+        connect_timeout=t.number("connect_timeout", 5.0),
+        login_timeout=t.number("login_timeout", 10.0),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _auth_http(t: _Table) -> AuthHttpSettings:
+    url = t.required("url", str)
+    if not url.startswith(("http://", "https://")):
+        # nginx accepts "127.0.0.1:80/auth"; so do we.
+        url = "http://" + url
+    headers = t.get("header", dict, {})
+    for name, value in headers.items():
+        if not isinstance(value, str) or "\n" in value or "\r" in value or ":" in name:
+            raise ConfigError(f"{t.key('header')}.{name}: must be a one-line string")
+    settings = AuthHttpSettings(
+        url=url,
+        headers=tuple(headers.items()),
+        timeout=t.number("timeout", 5.0),
+        pass_client_cert=t.get("pass_client_cert", bool, False),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _directory(t: _Table) -> DirectorySettings:
+    url = t.required("url", str)
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = "sqlite:///" + str(t.base_dir / url.removeprefix("sqlite:///"))
+    queries = None
+    if "queries" in t.raw:
+        q = t.table("queries")
+        queries = DirectoryQueries(q.required("password", str), q.required("route", str))
+        q.check_unknown()
+    ports = dict(DEFAULT_PORTS)
+    p = t.table("ports")
+    for proto in PROTOCOLS:
+        ports[proto] = p.port(proto, DEFAULT_PORTS[proto])
+    p.check_unknown()
+    master_password = t.get("master_password", str, None)
+    settings = DirectorySettings(
+        url=url,
+        queries=queries,
+        ports=ports,
+        master_user=t.get("master_user", str, None),
+        master_password=Secret(master_password) if master_password is not None else None,
+        master_separator=t.get("master_separator", str, "*"),
+        cache_ttl=t.number("cache_ttl", 60.0),
+        cache_size=t.integer("cache_size", 100_000),
+        pool_size=t.integer("pool_size", 5),
+        query_timeout=t.number("query_timeout", 3.0),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _throttle(t: _Table) -> ThrottleSettings:
+    d = ThrottleSettings()
+    settings = ThrottleSettings(
+        enabled=t.get("enabled", bool, d.enabled),
+        free=t.integer("free", d.free),
+        base_delay=t.number("base_delay", d.base_delay),
+        max_delay=t.number("max_delay", d.max_delay),
+        lockout_after=t.integer("lockout_after", d.lockout_after),
+        lockout=t.number("lockout", d.lockout),
+        window=t.number("window", d.window),
+        redis_url=t.get("redis_url", str, None),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _auth_server(t: _Table) -> AuthServerSettings:
+    headers = t.get("required_header", dict, {})
+    settings = AuthServerSettings(
+        listen=t.get("listen", str, "127.0.0.1:9000"),
+        required_headers=tuple((k, str(v)) for k, v in headers.items()),
+    )
+    parse_address(settings.listen, t.key("listen"))
+    t.check_unknown()
+    return settings
+
+
+def _workers(value: int | str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, int) and 1 <= value <= 256:
+        return value
+    raise ConfigError(f"workers: must be a number from 1 to 256 or 'auto', not {value!r}")
+
+
+def _line(t: _Table, key: str, default: str) -> str:
+    value = t.get(key, str, default)
+    if any(ord(c) < 32 or ord(c) > 126 for c in value):
+        raise ConfigError(f"{t.key(key)}: must be printable ASCII on one line")
+    return value
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    """'127.0.0.1:143', '[::1]:143', '*:143' or ':143' -> (host, port); '' host = all."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: expected host:port, got {value!r}")
+    host = host.strip("[]")
+    return ("" if host in ("*", "") else host), int(port_text)
+
+
+class _Table:
+    """A TOML table that remembers its key path and which keys were read."""
+
+    def __init__(self, raw: Any, path: str, base_dir: Path) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path or 'top level'}: must be a table")
+        self.raw, self.path, self.base_dir = raw, path, base_dir
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: Any, default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.raw:
+            return default
+        value = self.raw[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.key(name)}: must be {names}, not {value!r}")
+        return value
+
+    def required(self, name: str, kind: Any) -> Any:
+        if name not in self.raw:
+            raise ConfigError(f"{self.key(name)}: required")
+        return self.get(name, kind, None)
+
+    def number(self, name: str, default: float) -> float:
+        value = self.get(name, (int, float), default)
+        if value < 0:
+            raise ConfigError(f"{self.key(name)}: must not be negative")
+        return float(value)
+
+    def integer(self, name: str, default: int) -> int:
+        value: int = self.get(name, int, default)
+        if value < 0:
+            raise ConfigError(f"{self.key(name)}: must not be negative")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        value = self.integer(name, default)
+        if not 0 < value < 65536:
+            raise ConfigError(f"{self.key(name)}: must be a port from 1 to 65535")
+        return value
+
+    def choice(self, name: str, options: tuple[str, ...], default: str | None) -> Any:
+        value = self.get(name, str, default)
+        if value is None:
+            raise ConfigError(f"{self.key(name)}: required, one of {', '.join(options)}")
+        if value not in options:
+            raise ConfigError(f"{self.key(name)}: must be one of {', '.join(options)}")
+        return value
+
+    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, list(default))
+        if not all(isinstance(v, str) and v and v.isprintable() for v in value):
+            raise ConfigError(f"{self.key(name)}: must be a list of non-empty strings")
+        return tuple(dict.fromkeys(value))
+
+    def path(self, name: str) -> Path | None:
+        value = self.get(name, str, None)
+        return None if value is None else self.base_dir / value
+
+    def required_path(self, name: str) -> Path:
+        value = self.path(name)
+        if value is None:
+            raise ConfigError(f"{self.key(name)}: required")
+        return value
+
+    def table(self, name: str) -> _Table:
+        self.seen.add(name)
+        return _Table(self.raw.get(name, {}), self.key(name), self.base_dir)
+
+    def tables(self, name: str) -> list[_Table]:
+        self.seen.add(name)
+        items = self.raw.get(name, [])
+        if not isinstance(items, list):
+            raise ConfigError(f"{self.key(name)}: must be an array of tables ([[{name}]])")
+        return [
+            _Table(item, f"{self.key(name)}[{i}]", self.base_dir) for i, item in enumerate(items)
+        ]
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown setting")

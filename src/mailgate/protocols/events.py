@@ -1,0 +1,103 @@
+"""The vocabulary shared by every protocol core, client side and backend side.
+
+A core takes bytes and returns a list of events; the driver performs them in order and reports
+outcomes back. Cores raise `ProtocolError` internally and turn it into events at their edge, so
+a driver only ever sees events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.auth.model import Credentials
+
+# --- events a core asks the driver to perform -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write these bytes to the peer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Upgrade the connection to TLS now, then call `core.tls_started()`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Ask the authenticator about these credentials, then call `core.finish_login(outcome)`."""
+
+    credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection after the preceding sends are flushed. `reason` is for the log."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendReady:
+    """Backend side: the login succeeded.
+
+    `reply` is the backend's success line without tag and CRLF (b"OK [CAPABILITY ...] Logged in",
+    b"+OK Logged in.", b"235 2.7.0 ..."); `trailing` holds bytes the backend sent after it.
+    """
+
+    reply: bytes
+    trailing: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendFailed:
+    """Backend side: the login failed. `detail` is the backend's text, for the log only."""
+
+    temporary: bool
+    detail: str
+
+
+Event = Send | StartTLS | Authenticate | Close
+BackendEvent = Send | StartTLS | BackendReady | BackendFailed
+
+
+# --- outcomes the driver reports back to a client core ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedIn:
+    """The backend accepted the login; `backend_reply` is its success line (see BackendReady)."""
+
+    backend_reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The authenticator said no. `message` is shown to the client (after sanitising)."""
+
+    message: str
+    error_code: str | None = None  # SMTP only: e.g. "535 5.7.8"
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Auth service or backend could not be reached or answered garbage: a temporary failure."""
+
+
+LoginOutcome = LoggedIn | Rejected | Unavailable
+
+
+class ProtocolError(Exception):
+    """Raised inside a core; carries the exact reply. Turned into events in one place per core.
+
+    The reply never contains exception text or anything the client sent before authentication
+    beyond what the protocol requires (the IMAP tag).
+    """
+
+    def __init__(self, reply: bytes, *, close: bool = False) -> None:
+        super().__init__(reply.decode("ascii", "replace").rstrip())
+        self.reply = reply
+        self.close = close

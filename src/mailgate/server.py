@@ -1,0 +1,277 @@
+"""Process lifecycle: bind listeners, run one or more workers, shut down in bounded steps.
+
+With `workers = 1` everything runs in this process. With more, the supervisor binds each
+address once (so port 0 and bad addresses fail early, in one place), then forks workers; each
+worker opens its own SO_REUSEPORT socket on the same address, so the kernel spreads new
+connections across workers. Signal handlers only record the signal; the loop acts on it.
+Shutdown: stop accepting, say goodbye to sessions still logging in, give relays
+`shutdown_timeout` to finish, then cut the rest and log how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable
+
+from mailgate import tls
+from mailgate.auth.factory import build_authenticator
+from mailgate.backend.connect import BackendOptions
+from mailgate.config import ListenerSettings, Settings
+from mailgate.netio import Channel
+from mailgate.protocols.farewell import FAREWELLS
+from mailgate.protocols.policy import PreAuthPolicy
+from mailgate.session import ListenerContext, Session, Sessions
+
+log = logging.getLogger("mailgate.server")
+
+# A listen backlog large enough for a login storm after a network blip (nginx uses 511).
+BACKLOG = 511
+# How long the supervisor waits for a worker to exit after SIGTERM before SIGKILL, beyond
+# the workers' own shutdown_timeout.
+KILL_GRACE = 5.0
+
+
+def bind(listener: ListenerSettings, port: int | None = None, *, reuse_port: bool) -> socket.socket:
+    host = listener.host or "::"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and not listener.host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "*" means v4 and v6
+        sock.bind((host, listener.port if port is None else port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def policy_for(settings: Settings, listener: ListenerSettings) -> PreAuthPolicy:
+    proto = settings.protocols[listener.protocol]
+    return PreAuthPolicy(
+        mechanisms=listener.auth,
+        capabilities=proto.capabilities,
+        starttls=listener.tls == "starttls",
+        tls_active=listener.tls == "implicit",
+        starttls_only=listener.starttls_only,
+        greeting=proto.greeting,
+        hostname=settings.hostname,
+        max_errors=proto.max_errors,
+    )
+
+
+def backend_options(settings: Settings) -> BackendOptions:
+    b = settings.backend
+    return BackendOptions(
+        tls=b.tls,
+        tls_context=tls.backend_context(b),
+        server_name=b.server_name,
+        forward_client=b.forward_client,
+        imap_auth=b.imap_auth,
+        pop3_auth=b.pop3_auth,
+        connect_timeout=b.connect_timeout,
+        login_timeout=b.login_timeout,
+    )
+
+
+class Worker:
+    """One event loop serving every listener."""
+
+    def __init__(self, settings: Settings, sockets: list[socket.socket]) -> None:
+        self.settings = settings
+        self.sockets = sockets
+        self.sessions = Sessions()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        authenticator = build_authenticator(self.settings)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
+        server_tls = tls.server_context(self.settings.tls)
+        backend = backend_options(self.settings)
+        servers = []
+        for listener, sock in zip(self.settings.listeners, self.sockets, strict=True):
+            ctx = ListenerContext(
+                listener=listener,
+                protocol=self.settings.protocols[listener.protocol],
+                policy=policy_for(self.settings, listener),
+                farewell=FAREWELLS[listener.protocol],
+                server_tls=server_tls,
+                handshake_timeout=self.settings.tls.handshake_timeout,
+                backend=backend,
+                authenticator=authenticator,
+                hostname=self.settings.hostname,
+                sessions=self.sessions,
+            )
+            servers.append(
+                await loop.create_server(
+                    lambda ctx=ctx: Channel(lambda ch, ctx=ctx: self._accept(ctx, ch)),
+                    sock=sock,
+                    backlog=BACKLOG,
+                    ssl=server_tls if listener.tls == "implicit" else None,
+                    ssl_handshake_timeout=self.settings.tls.handshake_timeout
+                    if listener.tls == "implicit"
+                    else None,
+                )
+            )
+        await self.stop.wait()
+        await self._shutdown(servers)
+        await authenticator.close()
+
+    def _accept(self, ctx: ListenerContext, chan: Channel) -> None:
+        task = asyncio.get_running_loop().create_task(Session(ctx, chan).run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _shutdown(self, servers: Iterable[asyncio.Server]) -> None:
+        for server in servers:
+            server.close()  # stop accepting; open connections live on
+        for task in list(self.tasks):
+            task.cancel()  # pre-auth sessions get their goodbye in Session.run
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=2.0)
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while self.sessions.relays and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        cut = len(self.sessions.relays)
+        for relay in list(self.sessions.relays):
+            relay.shutdown()
+        if cut:
+            log.warning(
+                "shutdown: cut %d relayed sessions after %.0fs", cut, self.settings.shutdown_timeout
+            )
+            await asyncio.sleep(0.1)  # let the goodbyes flush
+
+
+def _flush(authenticator: object) -> None:
+    flush = getattr(authenticator, "flush", None)
+    if callable(flush):
+        flush()
+        log.info("auth cache flushed")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(Worker(settings, sockets).run())
+    finally:
+        loop.close()
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    if settings.workers == 1:
+        sockets = [bind(lst, reuse_port=False) for lst in settings.listeners]
+        _announce(settings, sockets)
+        run_worker(settings, sockets)
+        return 0
+    return _supervise(settings)
+
+
+def _announce(settings: Settings, sockets: list[socket.socket]) -> None:
+    for listener, sock in zip(settings.listeners, sockets, strict=True):
+        host, port = sock.getsockname()[:2]
+        log.info(
+            "listening: %s on %s port %d (tls=%s)", listener.protocol, host, port, listener.tls
+        )
+
+
+def _supervise(settings: Settings) -> int:
+    # Bind once here to fail early and to learn the ports chosen for port 0; keep these
+    # sockets (not listening) so the ports stay ours while workers come and go.
+    reserved = [bind(lst, reuse_port=True) for lst in settings.listeners]
+    ports = [s.getsockname()[1] for s in reserved]
+    _announce(settings, reserved)
+    stop = {"signal": 0}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _f: stop.__setitem__("signal", s))
+    signal.signal(signal.SIGUSR1, lambda _s, _f: _signal_children(children, signal.SIGUSR1))
+    children: dict[int, int] = {}  # pid -> worker index
+    for index in range(settings.workers):
+        children[_fork_worker(settings, ports)] = index
+    while children:
+        if stop["signal"]:
+            _stop_children(children, settings.shutdown_timeout + KILL_GRACE)
+            break
+        with contextlib.suppress(ChildProcessError, InterruptedError):
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                index = children.pop(pid)
+                log.error("worker %d (pid %d) died with status %d; restarting", index, pid, status)
+                children[_fork_worker(settings, ports)] = index
+        time.sleep(0.2)
+    for sock in reserved:
+        sock.close()
+    return 0
+
+
+def _fork_worker(settings: Settings, ports: list[int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        sockets = [
+            bind(lst, port, reuse_port=True)
+            for lst, port in zip(settings.listeners, ports, strict=True)
+        ]
+        run_worker(settings, sockets)
+    except BaseException:  # a worker must never return into the supervisor's loop
+        log.exception("worker failed")
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _signal_children(children: dict[int, int], sig: int) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _stop_children(children: dict[int, int], grace: float) -> None:
+    _signal_children(children, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                children.pop(pid, None)
+                continue
+        time.sleep(0.1)
+    if children:
+        log.error("killing %d workers that did not stop in time", len(children))
+        _signal_children(children, signal.SIGKILL)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )

@@ -381,16 +381,19 @@ def _workers(value: int | str) -> int:
 
 
 def _line(t: _Table, key: str, default: str) -> str:
-    value = t.get(key, str, default)
+    value: str = t.get(key, str, default)
     if any(ord(c) < 32 or ord(c) > 126 for c in value):
         raise ConfigError(f"{t.key(key)}: must be printable ASCII on one line")
     return value
 
 
 def parse_address(value: str, key: str) -> tuple[str, int]:
-    """'127.0.0.1:143', '[::1]:143', '*:143' or ':143' -> (host, port); '' host = all."""
+    """'127.0.0.1:143', '[::1]:143', '*:143' or ':143' -> (host, port).
+
+    An empty host means every address; port 0 means any free port (tests).
+    """
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ConfigError(f"{key}: expected host:port, got {value!r}")
     host = host.strip("[]")
     return ("" if host in ("*", "") else host), int(port_text)
@@ -402,11 +405,11 @@ class _Table:
     def __init__(self, raw: Any, path: str, base_dir: Path) -> None:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{path or 'top level'}: must be a table")
-        self.raw, self.path, self.base_dir = raw, path, base_dir
+        self.raw, self.where, self.base_dir = raw, path, base_dir
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        return f"{self.where}.{name}" if self.where else name
 
     def get(self, name: str, kind: Any, default: Any) -> Any:
         self.seen.add(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 # Reading pauses once this much is buffered and unread. Pre-auth commands are short and the
 # core has its own, smaller, line limits; this only bounds what piles up while we wait for
@@ -33,8 +34,8 @@ class Channel(asyncio.Protocol):
     # --- asyncio callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
         if self.on_connect is not None:
             self.on_connect(self)
 

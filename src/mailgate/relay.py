@@ -42,12 +42,16 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        relay = self.relay
         peer = self.peer.transport
-        if self.peer.eof or not peer.can_write_eof():
-            self.relay.close()
-            return False
-        peer.write_eof()  # pass the half-close on and keep reading the other way
-        return True
+        if self is relay.client and not self.peer.eof and peer.can_write_eof():
+            # The client half-closed (e.g. after LOGOUT): pass it on and still deliver the
+            # backend's last replies.
+            peer.write_eof()
+            return True
+        # A backend never half-closes on purpose in these protocols: it is gone.
+        relay.side_lost(self)
+        return False
 
     def pause_writing(self) -> None:
         self.peer.transport.pause_reading()
@@ -134,6 +138,8 @@ class Relay:
             side.transport.close()  # flushes what is buffered first
 
     def side_lost(self, side: _Side) -> None:
+        if self._done:
+            return
         if self.ended == "open":
             if side is self.client:
                 self.ended = "client closed"
@@ -142,7 +148,7 @@ class Relay:
             else:
                 self.ended = "backend lost"
                 self.client.transport.write(self.farewell.backend_lost)
-        side.peer.transport.close()
+        self.close()
         self._finish()
 
     def _finish(self) -> None:

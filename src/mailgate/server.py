@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -87,19 +88,24 @@ def backend_options(settings: Settings) -> BackendOptions:
 class Worker:
     """One event loop serving every listener."""
 
-    def __init__(self, settings: Settings, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, settings: Settings, sockets: list[socket.socket], *, handle_signals: bool = True
+    ) -> None:
         self.settings = settings
+        self.handle_signals = handle_signals
         self.sockets = sockets
         self.sessions = Sessions()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
+        self.ready = False  # True once every listener accepts
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
         authenticator = build_authenticator(self.settings)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
         server_tls = tls.server_context(self.settings.tls)
         backend = backend_options(self.settings)
         servers = []
@@ -118,7 +124,7 @@ class Worker:
             )
             servers.append(
                 await loop.create_server(
-                    lambda ctx=ctx: Channel(lambda ch, ctx=ctx: self._accept(ctx, ch)),
+                    functools.partial(Channel, functools.partial(self._accept, ctx)),
                     sock=sock,
                     backlog=BACKLOG,
                     ssl=server_tls if listener.tls == "implicit" else None,
@@ -127,6 +133,7 @@ class Worker:
                     else None,
                 )
             )
+        self.ready = True
         await self.stop.wait()
         await self._shutdown(servers)
         await authenticator.close()

@@ -47,7 +47,7 @@ def server_context(settings: TlsSettings) -> ssl.SSLContext | None:
             if chosen is not None:
                 sslobj.context = chosen
 
-        ctx.sni_callback = choose  # type: ignore[assignment]
+        ctx.sni_callback = choose
     return ctx
 
 

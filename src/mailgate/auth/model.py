@@ -44,7 +44,7 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:  # never let a secret be pickled into a crash dump
+    def __reduce__(self) -> tuple[object, ...]:  # never let a secret be pickled into a dump
         raise TypeError("Secret cannot be pickled")
 
 

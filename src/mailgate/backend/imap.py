@@ -1,0 +1,359 @@
+"""Backend IMAP login core: log in to a mailstore on the user's behalf (sans-I/O client side).
+
+What nginx's ngx_mail_proxy_module does for IMAP, plus STARTTLS to the backend and Dovecot's ID
+forwarding of the client's address:
+
+    greeting  ->  [STARTTLS, TLS]  ->  [ID (...)] + LOGIN | AUTHENTICATE PLAIN  ->  tagged OK
+
+The backend speaks first, so there is no `start()`: the driver feeds bytes to `receive` and
+performs the events it gets back until `BackendReady` or `BackendFailed`. ID is pipelined with
+the login command (RFC 3501 section 5.5 lets a client pipeline) and its result is ignored.
+The password is revealed only while the command bytes are built and is never kept as bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from enum import Enum, auto
+from typing import ClassVar
+
+from mailgate.auth.model import Secret
+from mailgate.backend import ClientAddress, LoginFailure, describe, forwardable
+from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
+from mailgate.protocols.lines import LineBuffer, LineTooLong
+
+# Dovecot's imap_max_line_length default: no sane backend sends a longer line before login.
+DEFAULT_MAX_LINE = 65536
+# RFC 7888 LITERAL-: non-synchronising literals are allowed up to this many octets.
+LITERAL_MINUS_MAX = 4096
+
+# Our tags. The client never sees them; they only have to differ from one another.
+TAG_STARTTLS = b"mg1"
+TAG_ID = b"mg2"
+TAG_LOGIN = b"mg3"
+
+MECHANISMS = frozenset({"login", "plain"})
+
+# RFC 5530 codes on a tagged NO that mean "try again later", not "wrong credentials".
+TEMPORARY_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG", b"INUSE", b"LIMIT"})
+
+# Untagged responses whose text is free text: "{5}" at their end is not a literal.
+STATUS_RESPONSES = frozenset({b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"})
+
+# The order in which Dovecot's imap-login reads the proxy's ID fields (RFC 2971 keys).
+ID_FIELDS = (
+    "x-originating-ip",
+    "x-originating-port",
+    "x-connected-ip",
+    "x-connected-port",
+    "x-session-ext-id",
+)
+
+
+class ImapState(Enum):
+    GREETING = auto()  # waiting for "* OK"
+    STARTTLS = auto()  # sent STARTTLS, waiting for its tagged reply
+    TLS_PENDING = auto()  # asked the driver for TLS, waiting for tls_started()
+    LOGIN = auto()  # sent [ID and] the login command, waiting for its tagged reply
+    DONE = auto()  # BackendReady or BackendFailed was returned
+
+
+def _quotable(arg: bytes) -> bool:
+    """RFC 3501 quoted: 7-bit text without CR/LF. Controls go as literals to be safe."""
+    return all(0x20 <= byte <= 0x7E for byte in arg)
+
+
+def _quote(arg: bytes) -> bytes:
+    return b'"' + arg.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _trailing_literal(line: bytes) -> int | None:
+    """The size n if the line ends with a server literal announcement "{n}", else None."""
+    if not line.endswith(b"}"):
+        return None
+    start = line.rfind(b"{")
+    digits = line[start + 1 : -1]
+    if start < 0 or not digits.isdigit() or len(digits) > 10:
+        return None
+    return int(digits)
+
+
+def _data_response(line: bytes) -> bool:
+    """An untagged response that may carry literals (status responses carry only text)."""
+    words = line.split(b" ", 2)
+    return words[0] == b"*" and len(words) > 1 and words[1].upper() not in STATUS_RESPONSES
+
+
+def _capabilities(line: bytes) -> frozenset[bytes] | None:
+    """Capabilities from "* CAPABILITY ..." or "* OK [CAPABILITY ...] ...", else None."""
+    words = line.split(b" ", 2)
+    if len(words) < 2 or words[0] != b"*":
+        return None
+    if words[1].upper() == b"CAPABILITY":
+        return frozenset(line.upper().split()[2:])
+    rest = words[2] if len(words) == 3 else b""
+    if words[1].upper() == b"OK" and rest[:12].upper() == b"[CAPABILITY ":
+        return frozenset(rest[12:].split(b"]", 1)[0].upper().split())
+    return None
+
+
+def _code(text: bytes) -> bytes:
+    """The response code atom of a resp-text ("[UNAVAILABLE] ..." -> b"UNAVAILABLE")."""
+    if not text.startswith(b"["):
+        return b""
+    return text[1:].split(b"]", 1)[0].split(b" ", 1)[0].upper()
+
+
+def _tagged(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """Split a tagged line into (tag, STATUS, text); status is upper-cased."""
+    tag, _, rest = line.partition(b" ")
+    status, _, text = rest.partition(b" ")
+    return tag, status.upper(), text
+
+
+class ImapLogin:
+    """Log in to an IMAP backend as `user` with `secret`. See the module docstring."""
+
+    __slots__ = (
+        "_buf",
+        "_caps",
+        "_continued",
+        "_forward",
+        "_mechanism",
+        "_secret",
+        "_sent_chunks",
+        "_skip",
+        "_starttls",
+        "_state",
+        "_user",
+    )
+
+    def __init__(
+        self,
+        user: str,
+        secret: Secret,
+        *,
+        starttls: bool = False,
+        mechanism: str = "login",
+        forward: ClientAddress | None = None,
+        max_line: int = DEFAULT_MAX_LINE,
+    ) -> None:
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown IMAP backend mechanism {mechanism!r}")
+        self._user = user
+        self._secret = secret
+        self._starttls = starttls
+        self._mechanism = mechanism
+        self._forward = forward
+        self._buf = LineBuffer(max_line)
+        self._caps: frozenset[bytes] = frozenset()
+        self._state = ImapState.GREETING
+        self._sent_chunks = 0  # pieces of the login command sent so far (literals split it)
+        self._skip = 0  # literal bytes of an untagged response still to be discarded
+        self._continued = False  # the next line continues an untagged response after a literal
+
+    @property
+    def state(self) -> ImapState:
+        return self._state
+
+    # --- driver interface ---------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[BackendEvent]:
+        """Feed bytes from the backend; b"" means it closed the connection."""
+        if self._state is ImapState.DONE:
+            return []
+        if not data:
+            self._state = ImapState.DONE
+            return [BackendFailed(temporary=True, detail="backend closed the connection")]
+        if self._state is ImapState.TLS_PENDING:
+            return []  # plaintext after the STARTTLS reply is never trusted (CVE-2011-0411)
+        self._buf.feed(data)
+        events: list[BackendEvent] = []
+        try:
+            while self._state not in (ImapState.DONE, ImapState.TLS_PENDING):
+                line = self._next_line()
+                if line is None:
+                    break
+                events += self._handlers[self._state](self, line)
+        except LoginFailure as failure:
+            events.append(self._fail(failure))
+        return events
+
+    def tls_started(self) -> list[BackendEvent]:
+        """The TLS handshake with the backend is done: forget plaintext state and log in."""
+        if self._state is not ImapState.TLS_PENDING:
+            raise RuntimeError(f"tls_started() in state {self._state.name}")
+        self._caps = frozenset()  # RFC 3501 6.2.1: capabilities seen before TLS are void
+        try:
+            return self._begin_login()
+        except LoginFailure as failure:
+            return [self._fail(failure)]
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _next_line(self) -> bytes | None:
+        """The next response line, skipping literals and continuations of untagged responses."""
+        while True:
+            if self._skip:
+                self._skip -= len(self._buf.take(min(self._skip, len(self._buf))) or b"")
+                if self._skip:
+                    return None
+            try:
+                line = self._buf.next_line()
+            except LineTooLong:
+                raise LoginFailure(True, "backend line too long") from None
+            if line is None:
+                return None
+            continuation = self._continued
+            size = _trailing_literal(line) if continuation or _data_response(line) else None
+            if size is not None and size > self._buf.max_line:
+                raise LoginFailure(True, "backend literal too long")
+            self._skip = size or 0
+            self._continued = size is not None
+            if not continuation:
+                return line
+
+    # --- handlers, one per state ---------------------------------------------------------
+
+    def _on_greeting(self, line: bytes) -> list[BackendEvent]:
+        status = line.split(b" ", 2)[1].upper() if line.startswith(b"* ") else b""
+        if status == b"BYE":
+            raise LoginFailure(True, "backend refused the connection", line)
+        if status == b"PREAUTH":
+            raise LoginFailure(True, "backend greeted with PREAUTH", line)
+        if status != b"OK":
+            raise LoginFailure(True, "malformed backend greeting", line)
+        self._caps = _capabilities(line) or frozenset()
+        if self._starttls:
+            self._state = ImapState.STARTTLS
+            return [Send(TAG_STARTTLS + b" STARTTLS\r\n")]
+        return self._begin_login()
+
+    def _on_starttls(self, line: bytes) -> list[BackendEvent]:
+        if line.startswith(b"* "):
+            return self._untagged(line)
+        tag, status, _ = _tagged(line)
+        if tag != TAG_STARTTLS:
+            raise LoginFailure(True, "unexpected backend reply to STARTTLS", line)
+        if status != b"OK":
+            raise LoginFailure(True, "backend refused STARTTLS", line)
+        self._buf.clear()  # bytes after the OK came in plaintext: drop them
+        self._skip = 0
+        self._continued = False
+        self._state = ImapState.TLS_PENDING
+        return [StartTLS()]
+
+    def _on_login(self, line: bytes) -> list[BackendEvent]:
+        if line.startswith(b"* "):
+            return self._untagged(line)
+        if line == b"+" or line.startswith(b"+ "):
+            return self._continue_login(line)
+        tag, status, text = _tagged(line)
+        if tag == TAG_ID and status in (b"OK", b"NO", b"BAD"):
+            return []  # forwarding is best effort: a backend without ID still logs us in
+        if tag != TAG_LOGIN:
+            raise LoginFailure(True, "unexpected backend reply", line)
+        if status == b"OK":
+            self._state = ImapState.DONE
+            return [BackendReady(reply=line[len(tag) + 1 :], trailing=self._buf.take_all())]
+        if status == b"NO":
+            raise LoginFailure(_code(text) in TEMPORARY_CODES, "backend refused the login", line)
+        if status == b"BAD":
+            raise LoginFailure(True, "backend rejected the login command", line)
+        raise LoginFailure(True, "malformed backend reply", line)
+
+    # The state table: which handler reads the next backend line in each state.
+    _handlers: ClassVar[dict[ImapState, Callable[[ImapLogin, bytes], list[BackendEvent]]]] = {
+        ImapState.GREETING: _on_greeting,
+        ImapState.STARTTLS: _on_starttls,
+        ImapState.LOGIN: _on_login,
+    }
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _untagged(self, line: bytes) -> list[BackendEvent]:
+        """Untagged data between commands is skipped, except a BYE: the backend is leaving."""
+        if line[2:6].upper() in (b"BYE", b"BYE "):
+            raise LoginFailure(True, "backend said BYE", line)
+        return []
+
+    def _begin_login(self) -> list[BackendEvent]:
+        if self._mechanism == "login" and b"LOGINDISABLED" in self._caps:
+            raise LoginFailure(True, "backend advertises LOGINDISABLED")
+        chunks = self._login_chunks()
+        self._state = ImapState.LOGIN
+        self._sent_chunks = 1
+        return [Send(self._id_command() + chunks[0])]
+
+    def _continue_login(self, line: bytes) -> list[BackendEvent]:
+        chunks = self._login_chunks()
+        if self._sent_chunks >= len(chunks):
+            raise LoginFailure(True, "unexpected continuation from backend", line)
+        self._sent_chunks += 1
+        return [Send(chunks[self._sent_chunks - 1])]
+
+    def _id_command(self) -> bytes:
+        fwd = self._forward
+        if fwd is None:
+            return b""
+        port, local_port = str(fwd.port or ""), str(fwd.local_port or "")
+        values = (fwd.ip, port, fwd.local_ip, local_port, fwd.session_id)
+        pairs = [
+            _quote(key.encode()) + b" " + _quote(value.encode())
+            for key, value in zip(ID_FIELDS, values, strict=True)
+            if forwardable(value)
+        ]
+        if not pairs:
+            return b""
+        return TAG_ID + b" ID (" + b" ".join(pairs) + b")\r\n"
+
+    def _credentials(self) -> tuple[bytes, bytes]:
+        user = self._user.encode("utf-8", "surrogateescape")
+        password = self._secret.reveal().encode("utf-8", "surrogateescape")
+        if b"\0" in user or b"\0" in password:  # no IMAP string can carry NUL
+            raise LoginFailure(False, "user name or password contains NUL; not sent")
+        return user, password
+
+    def _login_chunks(self) -> list[bytes]:
+        """The login command, split where a synchronising literal must wait for "+"."""
+        user, password = self._credentials()
+        if self._mechanism == "plain":
+            blob = base64.b64encode(b"\0" + user + b"\0" + password)
+            if b"SASL-IR" in self._caps:
+                return [TAG_LOGIN + b" AUTHENTICATE PLAIN " + blob + b"\r\n"]
+            return [TAG_LOGIN + b" AUTHENTICATE PLAIN\r\n", blob + b"\r\n"]
+        chunks: list[bytes] = []
+        current = TAG_LOGIN + b" LOGIN "
+        for arg, after in ((user, b" "), (password, b"\r\n")):
+            if _quotable(arg):
+                current += _quote(arg)
+            elif self._nonsync(len(arg)):
+                current += b"{%d+}\r\n" % len(arg) + arg
+            else:  # nginx's way: announce, wait for "+", then send the bytes
+                chunks.append(current + b"{%d}\r\n" % len(arg))
+                current = arg
+            current += after
+        chunks.append(current)
+        return chunks
+
+    def _nonsync(self, size: int) -> bool:
+        return b"LITERAL+" in self._caps or (
+            b"LITERAL-" in self._caps and size <= LITERAL_MINUS_MAX
+        )
+
+    def _fail(self, failure: LoginFailure) -> BackendFailed:
+        self._state = ImapState.DONE
+        return BackendFailed(temporary=failure.temporary, detail=describe(failure, self._masks()))
+
+    def _masks(self) -> tuple[bytes, ...]:
+        """Every form in which the password could come back in a backend's echo."""
+        user = self._user.encode("utf-8", "surrogateescape")
+        password = self._secret.reveal().encode("utf-8", "surrogateescape")
+        if not password:
+            return ()
+        blob = base64.b64encode(b"\0" + user + b"\0" + password)
+        return (blob, _quote(password), password)
+
+    def __repr__(self) -> str:
+        return f"ImapLogin(user={self._user!r}, state={self._state.name})"

@@ -80,6 +80,8 @@ def backend_options(settings: Settings) -> BackendOptions:
         forward_client=b.forward_client,
         imap_auth=b.imap_auth,
         pop3_auth=b.pop3_auth,
+        smtp_mode=b.smtp_mode,
+        helo_name=settings.hostname,
         connect_timeout=b.connect_timeout,
         login_timeout=b.login_timeout,
     )

@@ -17,9 +17,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mailgate import metrics
-from mailgate.auth.model import Authenticator, ClientInfo, Credentials, Reject, Route, TempFail
+from mailgate.auth.model import (
+    Authenticator,
+    ClientInfo,
+    Credentials,
+    Method,
+    Reject,
+    Route,
+    TempFail,
+)
 from mailgate.backend import ClientAddress
-from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
+from mailgate.backend.connect import (
+    BackendConnection,
+    BackendError,
+    BackendOptions,
+    SmtpSession,
+    login,
+    make_core,
+)
+from mailgate.backend.smtp import SmtpLogin
 from mailgate.config import ListenerSettings, ProtocolSettings
 from mailgate.netio import Channel
 from mailgate.protocols.events import (
@@ -37,13 +53,18 @@ from mailgate.protocols.farewell import Farewell
 from mailgate.protocols.imap import ImapCore
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.pop3 import Pop3Core
+from mailgate.protocols.smtp import SmtpCore
 from mailgate.relay import Relay
 from mailgate.tls import tls_info
 
 log = logging.getLogger("mailgate.session")
 
-Core = ImapCore | Pop3Core
-CORES: dict[str, Callable[[PreAuthPolicy, str], Core]] = {"imap": ImapCore, "pop3": Pop3Core}
+Core = ImapCore | Pop3Core | SmtpCore
+CORES: dict[str, Callable[[PreAuthPolicy, str], Core]] = {
+    "imap": ImapCore,
+    "pop3": Pop3Core,
+    "smtp": SmtpCore,
+}
 # An auth service may ask for a long Auth-Wait; the client is not held longer than this.
 MAX_AUTH_WAIT = 30.0
 
@@ -125,7 +146,7 @@ class Session:
     async def _preauth(self, deadline: float) -> bool:
         """Run the core until login or close. True when a relay took over the connection."""
         loop = asyncio.get_running_loop()
-        pending: list[Event] = self.core.greet()
+        pending = await self._greeting()
         while True:
             if not pending:
                 async with asyncio.timeout_at(
@@ -155,6 +176,18 @@ class Session:
                     self.outcome = reason
                     return False
 
+    async def _greeting(self) -> list[Event]:
+        """The greeting; with SMTP's greeting_delay, first check the client waits for it."""
+        delay = self.ctx.protocol.greeting_delay
+        if not delay or not isinstance(self.core, SmtpCore):
+            return self.core.greet()
+        try:
+            async with asyncio.timeout(delay):
+                early = await self.chan.recv()
+        except TimeoutError:
+            return self.core.greet()
+        return self.core.early_talker() if early else self.core.receive(b"")
+
     async def _start_tls(self) -> None:
         ctx = self.ctx.server_tls
         assert ctx is not None  # the core only asks when the listener offers STARTTLS
@@ -173,7 +206,7 @@ class Session:
             decision = TempFail("authenticator raised")
         match decision:
             case Route():
-                return await self._backend_login(decision)
+                return await self._backend_login(decision, creds)
             case Reject(message=message, wait=wait, error_code=code):
                 metrics.LOGINS.labels(self.ctx.listener.protocol, "rejected").inc()
                 await asyncio.sleep(min(wait, MAX_AUTH_WAIT))
@@ -190,13 +223,19 @@ class Session:
                 return Unavailable(), None
         raise AssertionError(f"unknown decision {type(decision).__name__}")
 
-    async def _backend_login(self, route: Route) -> tuple[LoginOutcome, BackendConnection | None]:
-        forward = ClientAddress(
+    async def _backend_login(
+        self, route: Route, creds: Credentials
+    ) -> tuple[LoginOutcome, BackendConnection | None]:
+        self.backend = f"{route.host}:{route.port}"
+        client = ClientAddress(
             self.client.ip, self.client.port, self.client.local_ip, self.client.local_port
         )
-        self.backend = f"{route.host}:{route.port}"
+        smtp = None
+        if isinstance(self.core, SmtpCore):
+            smtp = SmtpSession(creds.method is Method.NONE, self.core.helo, self.core.envelope)
+        core = make_core(self.ctx.listener.protocol, route, self.ctx.backend, client, smtp)
         try:
-            conn = await login(route, self.ctx.listener.protocol, self.ctx.backend, forward)
+            conn = await login(route, self.ctx.backend, core)
         except BackendError as e:
             metrics.LOGINS.labels(self.ctx.listener.protocol, "backend_error").inc()
             log.warning(
@@ -205,7 +244,9 @@ class Session:
                 self.client.ip,
                 e.detail,
             )
-            return Unavailable(), None
+            # An SMTP backend refusing a relayed recipient has the last word, code and all.
+            refusal = core.envelope_rejection() if isinstance(core, SmtpLogin) else None
+            return refusal or Unavailable(), None
         metrics.LOGINS.labels(self.ctx.listener.protocol, "ok").inc()
         return LoggedIn(conn.reply), conn
 

@@ -15,10 +15,11 @@ from mailgate.auth.model import BackendTLS, Route
 from mailgate.backend import ClientAddress
 from mailgate.backend.imap import ImapLogin
 from mailgate.backend.pop3 import Pop3Login
+from mailgate.backend.smtp import SmtpLogin
 from mailgate.netio import Channel
 from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
 
-LoginCore = ImapLogin | Pop3Login
+LoginCore = ImapLogin | Pop3Login | SmtpLogin
 
 
 class BackendError(Exception):
@@ -40,6 +41,8 @@ class BackendOptions:
     forward_client: bool
     imap_auth: str
     pop3_auth: str
+    smtp_mode: str  # "xclient" | "auth"
+    helo_name: str  # our EHLO name towards SMTP backends
     connect_timeout: float
     login_timeout: float
 
@@ -51,9 +54,24 @@ class BackendConnection:
     trailing: bytes  # bytes the backend sent after it
 
 
+@dataclass(frozen=True, slots=True)
+class SmtpSession:
+    """What an SMTP backend login needs from the client's pre-auth session."""
+
+    relay: bool  # "auth none": no password, the envelope decides
+    client_helo: str | None
+    envelope: tuple[bytes, ...]
+
+
 def make_core(
-    protocol: str, route: Route, opts: BackendOptions, forward: ClientAddress | None, starttls: bool
+    protocol: str,
+    route: Route,
+    opts: BackendOptions,
+    client: ClientAddress,
+    smtp: SmtpSession | None = None,
 ) -> LoginCore:
+    starttls = (route.tls or opts.tls) is BackendTLS.STARTTLS
+    forward = client if opts.forward_client else None
     if protocol == "imap":
         return ImapLogin(
             route.user, route.secret, starttls=starttls, mechanism=opts.imap_auth, forward=forward
@@ -62,26 +80,28 @@ def make_core(
         return Pop3Login(
             route.user, route.secret, starttls=starttls, mechanism=opts.pop3_auth, forward=forward
         )
+    if protocol == "smtp" and smtp is not None:
+        mode = opts.smtp_mode
+        if smtp.relay and mode == "auth":
+            mode = "none"  # a relay client has no password to AUTH with
+        return SmtpLogin(
+            helo_name=opts.helo_name,
+            user="" if smtp.relay else route.user,
+            secret=route.secret,
+            mode=mode,
+            starttls=starttls,
+            # XCLIENT exists to pass the client on; it is the point of that mode.
+            forward=client if mode == "xclient" else forward,
+            client_helo=smtp.client_helo,
+            envelope=smtp.envelope,
+        )
     raise ValueError(f"no backend login core for {protocol}")
 
 
-async def login(
-    route: Route,
-    protocol: str,
-    opts: BackendOptions,
-    forward: ClientAddress | None,
-    core: LoginCore | None = None,
-) -> BackendConnection:
+async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendConnection:
+    """Log in at route.host:route.port by driving `core` (built by make_core)."""
     mode = route.tls or opts.tls
     server_name = opts.server_name or route.host
-    if core is None:
-        core = make_core(
-            protocol,
-            route,
-            opts,
-            forward if opts.forward_client else None,
-            mode is BackendTLS.STARTTLS,
-        )
     loop = asyncio.get_running_loop()
     where = f"{route.host}:{route.port}"
     try:

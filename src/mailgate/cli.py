@@ -66,11 +66,13 @@ def _auth_server(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgate", description="A mail login proxy.")
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    parser.add_argument("-c", "--config", metavar="FILE", help="mailgate.toml")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", required=True, metavar="FILE", help="mailgate.toml")
+        # SUPPRESS: "-c" may also come before the command without being reset here.
+        p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
         p.set_defaults(func=func)
         return p
 
@@ -91,7 +93,10 @@ def load_settings(path: str) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("the configuration file is required: -c FILE")
     try:
         code: int = args.func(args)
         return code

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from mailgate import __version__
@@ -13,9 +15,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    if (
+        settings.metrics_listen
+        and settings.workers > 1
+        and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    ):
+        # Must be set before prometheus_client is first imported (by the server module).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mailgate-metrics-")
     from mailgate import server
 
-    settings = load(args.config)
     if not settings.listeners:
         print(f"{args.config}: no [[listener]] configured", file=sys.stderr)
         return EXIT_USAGE

@@ -22,3 +22,35 @@ ACTIVE = Gauge(
     ["phase"],
     multiprocess_mode="livesum",
 )
+
+
+def serve(listen: str) -> None:
+    """Expose the counters over HTTP on a thread (prometheus_client's own server).
+
+    With several workers, each counts into files under PROMETHEUS_MULTIPROC_DIR (set by the
+    CLI before anything imports prometheus_client) and this, in the supervisor, sums them.
+    """
+    import os
+
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from mailgate.config import parse_address
+
+    host, port = parse_address(listen, "metrics_listen")
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(port, host or "0.0.0.0", registry=registry)
+    else:
+        start_http_server(port, host or "0.0.0.0")
+
+
+def worker_died(pid: int) -> None:
+    """Drop a dead worker's live gauges (multiprocess mode only)."""
+    import os
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

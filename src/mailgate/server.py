@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterable
 
-from mailgate import tls
+from mailgate import metrics, tls
 from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
 from mailgate.config import ListenerSettings, Settings
@@ -191,6 +191,8 @@ def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    if settings.metrics_listen:
+        metrics.serve(settings.metrics_listen)
     if settings.workers == 1:
         sockets = [bind(lst, reuse_port=False) for lst in settings.listeners]
         _announce(settings, sockets)
@@ -228,6 +230,7 @@ def _supervise(settings: Settings) -> int:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid:
                 index = children.pop(pid)
+                metrics.worker_died(pid)
                 log.error("worker %d (pid %d) died with status %d; restarting", index, pid, status)
                 children[_fork_worker(settings, ports)] = index
         time.sleep(0.2)

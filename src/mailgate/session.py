@@ -121,6 +121,7 @@ class Session:
     async def run(self) -> None:
         sessions = self.ctx.sessions
         sessions.preauth.add(self)
+        metrics.ACTIVE.labels("preauth").inc()
         relay_started = False
         try:
             deadline = asyncio.get_running_loop().time() + self.ctx.protocol.login_timeout
@@ -138,6 +139,7 @@ class Session:
             self.chan.write(self.ctx.farewell.unavailable)
         finally:
             sessions.preauth.discard(self)
+            metrics.ACTIVE.labels("preauth").dec()
             if not relay_started:
                 self.chan.close()
                 metrics.SESSIONS.labels(self.ctx.listener.protocol, self.outcome).inc()
@@ -263,6 +265,7 @@ class Session:
             on_done=record.done,
         )
         self.ctx.sessions.relays.add(relay)
+        metrics.ACTIVE.labels("relay").inc()
         relay.start(to_backend, backend.trailing)
 
 
@@ -282,6 +285,7 @@ class _RelayRecord:
 
     def done(self, relay: Relay) -> None:
         self.sessions.relays.discard(relay)
+        metrics.ACTIVE.labels("relay").dec()
         metrics.SESSIONS.labels(self.protocol, relay.ended).inc()
         metrics.BYTES.labels(self.protocol, "in").inc(relay.bytes_in)
         metrics.BYTES.labels(self.protocol, "out").inc(relay.bytes_out)

@@ -9,8 +9,10 @@ refuses; an auth service that answers fixed headers or garbage.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -225,3 +227,296 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- more fakes: a POP3 backend, and backends that speak TLS ---------------------------------
+
+
+def pop3_backend(
+    password: str = "secret", messages: tuple[bytes, ...] = (b"Subject: hello\r\n\r\nhi\r\n",)
+) -> FakeBackend:
+    """A POP3 backend that accepts USER/PASS (or AUTH PLAIN) with `password` and serves
+    `messages` to STAT, LIST and RETR. It never checks the order of commands."""
+
+    def retr(arg: bytes) -> bytes:
+        if not arg.isdigit() or not 1 <= int(arg) <= len(messages):
+            return b"-ERR No such message\r\n"
+        body = messages[int(arg) - 1]
+        stuffed = b"\r\n".join(
+            b"." + line if line.startswith(b".") else line for line in body.split(b"\r\n")
+        )
+        return b"+OK %d octets\r\n" % len(body) + stuffed.removesuffix(b"\r\n") + b"\r\n.\r\n"
+
+    def auth_plain(arg: bytes) -> bytes:
+        mech, _, blob = arg.partition(b" ")
+        try:
+            fields = base64.b64decode(blob, validate=True).split(b"\0")
+        except ValueError:
+            return b"-ERR Invalid base64\r\n"
+        if mech.upper() == b"PLAIN" and len(fields) == 3 and fields[2] == password.encode():
+            return b"+OK Logged in (fake backend)\r\n"
+        return b"-ERR [AUTH] Authentication failed.\r\n"
+
+    def handle(line: bytes) -> bytes | None:
+        cmd, _, arg = line.rstrip(b"\r\n").partition(b" ")
+        cmd = cmd.upper()
+        if cmd in (b"USER", b"XCLIENT", b"NOOP"):
+            return b"+OK\r\n"
+        if cmd == b"PASS":
+            if arg == password.encode():
+                return b"+OK Logged in (fake backend)\r\n"
+            return b"-ERR [AUTH] Authentication failed.\r\n"
+        if cmd == b"AUTH":
+            return auth_plain(arg)
+        if cmd == b"STAT":
+            return b"+OK %d %d\r\n" % (len(messages), sum(len(m) for m in messages))
+        if cmd == b"RETR":
+            return retr(arg)
+        if cmd == b"QUIT":
+            return b"+OK Logging out (fake backend)\r\n"
+        return b"-ERR Unknown command\r\n"
+
+    return FakeBackend(greeting=b"+OK fake pop3 ready\r\n", handler=handle)
+
+
+@dataclass
+class TlsBackend(FakeBackend):
+    """A FakeBackend that speaks TLS with `context` (a server context): from the first byte,
+    or after an IMAP STARTTLS / POP3 STLS command when `starttls` is set. Lines that arrived
+    over TLS are also recorded in `secure_lines`; failed handshakes in `tls_errors`."""
+
+    context: ssl.SSLContext | None = None
+    starttls: bool = False
+    secure_lines: list[bytes] = field(default_factory=list)
+    tls_errors: list[str] = field(default_factory=list)
+
+
+def _starttls_reply(line: bytes) -> bytes | None:
+    words = line.rstrip(b"\r\n").split(b" ")
+    if words[0].upper() == b"STLS":
+        return b"+OK Begin TLS negotiation\r\n"
+    if len(words) == 2 and words[1].upper() == b"STARTTLS":
+        return words[0] + b" OK Begin TLS negotiation now\r\n"
+    return None
+
+
+@contextlib.contextmanager
+def running_tls_backend(fake: TlsBackend) -> Iterator[TlsBackend]:
+    context = fake.context
+    if context is None:
+        raise ValueError("TlsBackend needs a server context")
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        secure = not fake.starttls
+        try:
+            writer.write(fake.greeting or b"")
+            while line := await reader.readline():
+                fake.lines.append(line)
+                if secure:
+                    fake.secure_lines.append(line)
+                upgrade = None if secure else _starttls_reply(line)
+                if upgrade is not None:
+                    writer.write(upgrade)
+                    await writer.drain()
+                    await writer.start_tls(context)
+                    secure = True
+                    continue
+                reply = fake.handler(line)
+                if reply == b"<close>":
+                    break
+                if reply is not None:
+                    writer.write(reply)
+                    await writer.drain()
+        except (ssl.SSLError, ConnectionError) as e:
+            fake.tls_errors.append(type(e).__name__)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            writer.close()
+            handlers.discard(task)
+
+    with _thread_loop() as loop:
+
+        async def start() -> asyncio.Server:
+            tls = None if fake.starttls else context
+            return await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+
+        srv = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+        fake.port = srv.sockets[0].getsockname()[1]
+        try:
+            yield fake
+        finally:
+
+            async def stop() -> None:
+                srv.close()
+                for task in list(handlers):
+                    task.cancel()
+                await asyncio.gather(*handlers, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(5)
+
+
+# --- SMTP backends: a real SMTP server (aiosmtpd) with XCLIENT, and a scriptable line fake ------
+
+
+@dataclass
+class Delivery:
+    """One message a backend accepted at DATA, with what the session told it beforehand."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    xclient: dict[str, str]  # the XCLIENT attributes of the session (empty without XCLIENT)
+    login: str | None  # the AUTH PLAIN/LOGIN user of the session
+
+
+@dataclass
+class SmtpBackend:
+    """An aiosmtpd server that offers XCLIENT (as Postfix does) and AUTH PLAIN LOGIN.
+
+    Every command is recorded in `commands` as (verb, argument), in order across sessions.
+    `rcpt_reply(address)` may return a refusal ("550 5.1.1 ...") instead of accepting a
+    recipient; `logins` holds (user, password) of every AUTH; `deliveries` every DATA.
+    """
+
+    password: str = "secret"
+    rcpt_reply: Callable[[str], str | None] = lambda _address: None
+    commands: list[tuple[str, str]] = field(default_factory=list)
+    logins: list[tuple[str, str]] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+    port: int = 0
+
+    def verbs(self) -> list[str]:
+        return [verb for verb, _ in self.commands]
+
+
+# Postfix's XCLIENT_README attributes, as Postfix lists them after its XCLIENT keyword.
+SMTP_XCLIENT_OFFER = "250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
+
+
+class _SmtpHandler:
+    """aiosmtpd hooks recording into a SmtpBackend."""
+
+    def __init__(self, fake: SmtpBackend) -> None:
+        self.fake = fake
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self.fake.commands.append(("EHLO", hostname))
+        session.host_name = hostname
+        return [*responses[:-1], SMTP_XCLIENT_OFFER, responses[-1]]
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.fake.commands.append(("MAIL", address))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.fake.commands.append(("RCPT", address))
+        refusal = self.fake.rcpt_reply(address)
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.fake.commands.append(("DATA", ""))
+        self.fake.deliveries.append(
+            Delivery(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                bytes(envelope.original_content or b""),
+                dict(getattr(session, "xclient", {})),
+                session.auth_data.login.decode() if session.auth_data else None,
+            )
+        )
+        return "250 2.0.0 Ok: queued as FAKE"
+
+
+def _aiosmtpd_server(fake: SmtpBackend, loop: asyncio.AbstractEventLoop) -> Any:
+    from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+    class XclientSMTP(SMTP):  # type: ignore[misc]
+        async def smtp_XCLIENT(self, arg: str) -> None:
+            fake.commands.append(("XCLIENT", arg))
+            pairs = dict(item.partition("=")[::2] for item in arg.split())
+            # Postfix: XCLIENT resets the session to its start; the client must EHLO again.
+            self.session.xclient = {**getattr(self.session, "xclient", {}), **pairs}
+            self.session.host_name = None
+            self.session.extended_smtp = False
+            await self.push("220 backend.test ESMTP (after XCLIENT)")
+
+    def authenticate(
+        server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        fake.commands.append(("AUTH", mechanism))
+        fake.logins.append((data.login.decode(), data.password.decode()))
+        ok = data.password == fake.password.encode()
+        return AuthResult(success=ok, handled=False, auth_data=data)
+
+    return XclientSMTP(
+        _SmtpHandler(fake),
+        hostname="backend.test",
+        authenticator=authenticate,
+        auth_require_tls=False,
+        loop=loop,
+    )
+
+
+@contextlib.contextmanager
+def running_smtp_backend(fake: SmtpBackend) -> Iterator[SmtpBackend]:
+    protocols: list[Any] = []
+
+    def protocol() -> Any:
+        protocols.append(_aiosmtpd_server(fake, loop))
+        return protocols[-1]
+
+    with _thread_loop() as loop:
+
+        async def start() -> asyncio.Server:
+            return await loop.create_server(protocol, "127.0.0.1", 0)
+
+        srv = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+        fake.port = srv.sockets[0].getsockname()[1]
+        try:
+            yield fake
+        finally:
+
+            async def stop() -> None:
+                srv.close()
+                tasks = [p._handler_coroutine for p in protocols if p._handler_coroutine]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(5)
+
+
+def smtp_line_backend(rcpt: bytes | None = b"250 2.1.5 Ok\r\n") -> FakeBackend:
+    """A bare SMTP FakeBackend offering XCLIENT: every command gets a fixed reply, and RCPT
+    gets `rcpt` (None: no answer at all, a backend that hangs mid-envelope)."""
+    replies = {
+        b"EHLO": b"250-line.test\r\n250 " + SMTP_XCLIENT_OFFER[4:].encode() + b"\r\n",
+        b"XCLIENT": b"220 line.test ESMTP\r\n",
+        b"MAIL": b"250 2.1.0 Ok\r\n",
+        b"QUIT": b"221 2.0.0 Bye\r\n",
+    }
+
+    def handle(line: bytes) -> bytes | None:
+        verb = line.split(b" ", 1)[0].strip().upper()
+        if verb == b"RCPT":
+            return rcpt
+        return replies.get(verb, b"502 5.5.2 Error: command not recognized\r\n")
+
+    return FakeBackend(greeting=b"220 line.test ESMTP\r\n", handler=handle)

@@ -34,10 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     settings = load(args.config)
-    from mailgate import tls
+    from mailgate import server
 
-    tls.server_context(settings.tls)  # certificates must load
-    tls.backend_context(settings.backend)
+    server.preflight(settings)  # what serve would load: certificates, CA, authenticator
     for listener in settings.listeners:
         methods = ",".join(listener.auth)
         print(f"{listener.protocol} on {listener.address} tls={listener.tls} auth={methods}")

@@ -125,6 +125,9 @@ class DirectorySettings:
     master_user: str | None = None
     master_password: Secret | None = None
     master_separator: str = "*"
+    # Custom schemas: how to read a stored password without a {SCHEME} or $id$ prefix
+    # (the seed's users.clear column is plain text).
+    default_scheme: str = "PLAIN"
     cache_ttl: float = 60.0  # routes; a disabled user or a moved mailbox is seen within this
     cache_size: int = 100_000
     pool_size: int = 5
@@ -211,7 +214,7 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         auth_server=_auth_server(t.table("auth_server")),
         workers=_workers(t.get("workers", (int, str), 1)),
         hostname=t.get("hostname", str, "localhost"),
-        shutdown_timeout=t.number("shutdown_timeout", 30.0),
+        shutdown_timeout=t.timeout("shutdown_timeout", 30.0),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         metrics_listen=t.get("metrics_listen", str, None),
         source=source,
@@ -230,9 +233,9 @@ def _protocol(t: _Table, protocol: str, top: _Table) -> ProtocolSettings:
         capabilities=t.str_list("capabilities", DEFAULT_CAPABILITIES[protocol]),
         greeting=_line(t, "greeting", DEFAULT_GREETING[protocol]),
         max_errors=t.integer("max_errors", top.integer("max_errors", 5)),
-        client_timeout=t.number("client_timeout", top.number("client_timeout", 30.0)),
-        login_timeout=t.number("login_timeout", top.number("login_timeout", 60.0)),
-        proxy_timeout=t.number("proxy_timeout", top.number("proxy_timeout", 3600.0)),
+        client_timeout=t.timeout("client_timeout", top.timeout("client_timeout", 30.0)),
+        login_timeout=t.timeout("login_timeout", top.timeout("login_timeout", 60.0)),
+        proxy_timeout=t.timeout("proxy_timeout", top.timeout("proxy_timeout", 3600.0)),
         greeting_delay=t.number("greeting_delay", 0.0),
     )
     t.check_unknown()
@@ -272,7 +275,7 @@ def _tls(t: _Table) -> TlsSettings:
         min_protocol=t.choice("min_protocol", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
         ciphers=t.get("ciphers", str, None),
         sni=sni,
-        handshake_timeout=t.number("handshake_timeout", 10.0),
+        handshake_timeout=t.timeout("handshake_timeout", 10.0),
     )
     t.check_unknown()
     return settings
@@ -288,8 +291,8 @@ def _backend(t: _Table) -> BackendSettings:
         imap_auth=t.choice("imap_auth", ("login", "plain"), "login"),
         pop3_auth=t.choice("pop3_auth", ("user", "plain"), "user"),
         smtp_mode=t.choice("smtp_mode", ("xclient", "auth"), "xclient"),
-        connect_timeout=t.number("connect_timeout", 5.0),
-        login_timeout=t.number("login_timeout", 10.0),
+        connect_timeout=t.timeout("connect_timeout", 5.0),
+        login_timeout=t.timeout("login_timeout", 10.0),
     )
     t.check_unknown()
     return settings
@@ -297,9 +300,10 @@ def _backend(t: _Table) -> BackendSettings:
 
 def _auth_http(t: _Table) -> AuthHttpSettings:
     url = t.required("url", str)
+    if "://" not in url:
+        url = "http://" + url  # nginx accepts "127.0.0.1:80/auth"; so do we
     if not url.startswith(("http://", "https://")):
-        # nginx accepts "127.0.0.1:80/auth"; so do we.
-        url = "http://" + url
+        raise ConfigError(f"{t.key('url')}: must be an http:// or https:// URL")
     headers = t.get("header", dict, {})
     for name, value in headers.items():
         if not isinstance(value, str) or "\n" in value or "\r" in value or ":" in name:
@@ -307,7 +311,7 @@ def _auth_http(t: _Table) -> AuthHttpSettings:
     settings = AuthHttpSettings(
         url=url,
         headers=tuple(headers.items()),
-        timeout=t.number("timeout", 5.0),
+        timeout=t.timeout("timeout", 5.0),
         pass_client_cert=t.get("pass_client_cert", bool, False),
     )
     t.check_unknown()
@@ -336,10 +340,11 @@ def _directory(t: _Table) -> DirectorySettings:
         master_user=t.get("master_user", str, None),
         master_password=Secret(master_password) if master_password is not None else None,
         master_separator=t.get("master_separator", str, "*"),
+        default_scheme=t.get("default_scheme", str, "PLAIN").upper(),
         cache_ttl=t.number("cache_ttl", 60.0),
         cache_size=t.integer("cache_size", 100_000),
         pool_size=t.integer("pool_size", 5),
-        query_timeout=t.number("query_timeout", 3.0),
+        query_timeout=t.timeout("query_timeout", 3.0),
     )
     t.check_unknown()
     return settings
@@ -432,6 +437,13 @@ class _Table:
         if value < 0:
             raise ConfigError(f"{self.key(name)}: must not be negative")
         return float(value)
+
+    def timeout(self, name: str, default: float) -> float:
+        """A duration that must be positive: a zero timeout would fail every wait."""
+        value = self.number(name, default)
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be a positive number of seconds")
+        return value
 
     def integer(self, name: str, default: int) -> int:
         value: int = self.get(name, int, default)

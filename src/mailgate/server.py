@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from mailgate import metrics, tls
 from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
-from mailgate.config import ListenerSettings, Settings
+from mailgate.config import ConfigError, ListenerSettings, Settings
 from mailgate.netio import Channel
 from mailgate.protocols.farewell import FAREWELLS
 from mailgate.protocols.policy import PreAuthPolicy
@@ -37,6 +37,10 @@ BACKLOG = 511
 # How long the supervisor waits for a worker to exit after SIGTERM before SIGKILL, beyond
 # the workers' own shutdown_timeout.
 KILL_GRACE = 5.0
+# A worker that dies is restarted, but not in a tight loop: more than this many deaths, each
+# within RESTART_WINDOW seconds of the previous one, means something is broken for good.
+MAX_QUICK_RESTARTS = 5
+RESTART_WINDOW = 10.0
 
 
 def bind(listener: ListenerSettings, port: int | None = None, *, reuse_port: bool) -> socket.socket:
@@ -189,12 +193,37 @@ def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
         loop.close()
 
 
+def preflight(settings: Settings) -> None:
+    """Load everything a worker loads at start, so a mistake stops us here, once, with a
+    message naming the setting, rather than in every worker. Raises ConfigError."""
+    tls.server_context(settings.tls)
+    tls.backend_context(settings.backend)
+    try:
+        build_authenticator(settings)  # constructors validate; no I/O happens here
+    except ValueError as e:
+        raise ConfigError(f"authentication: {e}") from None
+
+
+def bind_all(settings: Settings, *, reuse_port: bool) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    for i, listener in enumerate(settings.listeners):
+        try:
+            sockets.append(bind(listener, reuse_port=reuse_port))
+        except OSError as e:
+            for sock in sockets:
+                sock.close()
+            reason = e.strerror or str(e)
+            raise OSError(f"listener[{i}] {listener.address}: cannot listen: {reason}") from None
+    return sockets
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    preflight(settings)
     if settings.metrics_listen:
         metrics.serve(settings.metrics_listen)
     if settings.workers == 1:
-        sockets = [bind(lst, reuse_port=False) for lst in settings.listeners]
+        sockets = bind_all(settings, reuse_port=False)
         _announce(settings, sockets)
         run_worker(settings, sockets)
         return 0
@@ -212,7 +241,7 @@ def _announce(settings: Settings, sockets: list[socket.socket]) -> None:
 def _supervise(settings: Settings) -> int:
     # Bind once here to fail early and to learn the ports chosen for port 0; keep these
     # sockets (not listening) so the ports stay ours while workers come and go.
-    reserved = [bind(lst, reuse_port=True) for lst in settings.listeners]
+    reserved = bind_all(settings, reuse_port=True)
     ports = [s.getsockname()[1] for s in reserved]
     _announce(settings, reserved)
     stop = {"signal": 0}
@@ -222,6 +251,9 @@ def _supervise(settings: Settings) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     for index in range(settings.workers):
         children[_fork_worker(settings, ports)] = index
+    quick_deaths = 0
+    last_death = 0.0
+    code = 0
     while children:
         if stop["signal"]:
             _stop_children(children, settings.shutdown_timeout + KILL_GRACE)
@@ -231,12 +263,20 @@ def _supervise(settings: Settings) -> int:
             if pid:
                 index = children.pop(pid)
                 metrics.worker_died(pid)
+                now = time.monotonic()
+                quick_deaths = quick_deaths + 1 if now - last_death < RESTART_WINDOW else 1
+                last_death = now
+                if quick_deaths > MAX_QUICK_RESTARTS:
+                    log.error("workers keep dying (%d in a row); giving up", quick_deaths)
+                    _stop_children(children, settings.shutdown_timeout + KILL_GRACE)
+                    code = 1
+                    break
                 log.error("worker %d (pid %d) died with status %d; restarting", index, pid, status)
                 children[_fork_worker(settings, ports)] = index
         time.sleep(0.2)
     for sock in reserved:
         sock.close()
-    return 0
+    return code
 
 
 def _fork_worker(settings: Settings, ports: list[int]) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+from pathlib import Path
 from typing import Any
 
 from mailgate.auth.model import TlsInfo
-from mailgate.config import BackendSettings, TlsSettings
+from mailgate.config import BackendSettings, ConfigError, TlsSettings
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -34,11 +35,11 @@ def server_context(settings: TlsSettings) -> ssl.SSLContext | None:
     if settings.certificate is None or settings.certificate_key is None:
         return None
     ctx = _server_base(settings)
-    ctx.load_cert_chain(settings.certificate, settings.certificate_key)
+    _load(ctx, settings.certificate, settings.certificate_key, "tls")
     by_name: dict[str, ssl.SSLContext] = {}
-    for sni in settings.sni:
+    for i, sni in enumerate(settings.sni):
         extra = _server_base(settings)
-        extra.load_cert_chain(sni.certificate, sni.certificate_key)
+        _load(extra, sni.certificate, sni.certificate_key, f"tls.sni[{i}]")
         by_name[sni.server_name.lower()] = extra
     if by_name:
 
@@ -51,8 +52,21 @@ def server_context(settings: TlsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+def _load(ctx: ssl.SSLContext, cert: Path, key: Path, where: str) -> None:
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{where}.certificate: cannot load {cert} / {key}: {reason}") from None
+
+
 def backend_context(settings: BackendSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    cafile = str(settings.ca_file) if settings.ca_file else None
+    try:
+        ctx = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"backend.ca_file: cannot load {cafile}: {reason}") from None
     if not settings.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

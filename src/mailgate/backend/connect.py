@@ -129,6 +129,9 @@ async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendC
     except BackendError as e:
         channel.close()
         raise BackendError(f"{where}: {e.detail}", temporary=e.temporary) from None
+    except BaseException:  # cancelled (shutdown, client gone): never leak the connection
+        channel.abort()
+        raise
 
 
 async def _drive(

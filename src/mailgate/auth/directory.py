@@ -1,0 +1,461 @@
+"""The SQL directory: an `Authenticator` that checks passwords and finds routes in a database.
+
+This is the read path and stays short: one query per login on mailgate's own schema (two on
+an operator's schema), a password check off the event loop, and a `Decision`. Writes live in
+`mailgate.admin`. Rules that matter to a client:
+
+- Unknown user, wrong password and disabled user/domain/mailstore give the same `Reject`,
+  and an unknown user's password is still checked against a dummy hash so the answer takes
+  about as long (Dovecot does the same).
+- An outage is never a wrong password: any database error or a query over `query_timeout`
+  is a `TempFail`, and the connection pool is thrown away so the next login reconnects.
+- The reason of every refusal goes to the log (never the password or the stored hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from mailgate.auth import passwords, schema
+from mailgate.auth.model import (
+    BackendTLS,
+    ClientInfo,
+    Credentials,
+    Decision,
+    Method,
+    Reject,
+    Route,
+    Secret,
+    TempFail,
+)
+from mailgate.auth.schema import dispose, engine_url, make_engine
+
+if TYPE_CHECKING:
+    from mailgate.config import DirectorySettings
+
+__all__ = [
+    "BadUserName",
+    "DirectoryUnavailable",
+    "SqlDirectory",
+    "UserRecord",
+    "Verdict",
+    "engine_url",
+    "normalise_user",
+    "scheme_of",
+]
+
+log = logging.getLogger("mailgate.auth.directory")
+
+# RFC 5321's 64 + 1 + 255; a longer name cannot be an address, and is refused unread.
+MAX_USER = schema.MAX_ADDRESS
+# Closing a pool to a server that stopped answering must not hang a login: 2 s, then the
+# old pool is dropped unclosed.
+DISPOSE_TIMEOUT = 2.0
+# Schemes cheap enough to check on the event loop; everything else (argon2, bcrypt, crypt)
+# costs milliseconds and runs in a worker thread so other sessions are not stalled.
+FAST_SCHEMES = ("{PLAIN}", "{CLEARTEXT}", "{PLAIN-MD5}", "{LDAP-MD5}", "{SHA}", "{SHA256}")
+
+# An existing schema's value is already tagged when it starts with {SCHEME} (Dovecot) or is
+# a modular crypt string ($2b$..., $argon2id$..., $6$...); anything else is `default_scheme`.
+_TAGGED = re.compile(r"^(\{[A-Za-z0-9._-]+\}|\$[A-Za-z0-9-]+\$)")
+_FALSE = frozenset({"0", "n", "no", "f", "false", "off", ""})
+# Stands in for an unknown user's stored password so CRAM-MD5/APOP do the same work.
+_DUMMY_CLEAR = "{PLAIN}" + secrets.token_hex(16)
+
+
+class BadUserName(ValueError):
+    """A login name we refuse before any lookup; the message is safe to log."""
+
+
+class DirectoryUnavailable(Exception):
+    """The database could not answer (outage, timeout, broken query): a temporary failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """What the directory knows about one user, for one protocol."""
+
+    user: str  # the normalised login name
+    login: str  # the name to log in with on the backend
+    password: Secret | None  # the stored "{SCHEME}..." string, never printed
+    refused: str | None = None  # why a correct password is still refused (disabled ...)
+    problem: str | None = None  # why no route can be built (bad data: a temporary failure)
+    mailstore: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tls: BackendTLS | None = None
+    master_user: str | None = None
+    master_password: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision plus the reason for it, for the log and `mailgate auth test`."""
+
+    decision: Decision
+    reason: str
+    user: str = "-"  # the normalised name, "-" when the name itself was refused
+    level: int = logging.INFO
+
+
+def normalise_user(raw: str, *, lower_local: bool) -> tuple[str, str]:
+    """(user, domain) with the domain lower-cased; refuse names no mail system issues."""
+    if not raw:
+        raise BadUserName("empty user name")
+    if len(raw) > MAX_USER:
+        raise BadUserName(f"user name of {len(raw)} characters (limit {MAX_USER})")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
+        raise BadUserName("user name with control characters")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadUserName("user name is not UTF-8") from None
+    local, at, domain = raw.rpartition("@")
+    if not at:
+        return (raw.lower() if lower_local else raw), ""
+    domain = domain.lower()
+    return f"{local.lower() if lower_local else local}{at}{domain}", domain
+
+
+def scheme_of(stored: str) -> str:
+    """The scheme name of a stored password, for logs: never any of the hash itself."""
+    tagged = _TAGGED.match(stored)
+    return tagged.group(1)[:32] if tagged else "(none)"
+
+
+class SqlDirectory:
+    """`Authenticator` over mailgate's schema or an operator's queries (settings.queries)."""
+
+    def __init__(self, settings: DirectorySettings) -> None:
+        self.settings = settings
+        engine_url(settings.url)  # a bad URL fails at start, not at the first login
+        q = settings.queries
+        self._custom = schema.custom_queries(q.password, q.route) if q is not None else None
+        # Not in DirectorySettings yet; an existing schema usually stores clear text.
+        self._default_scheme = settings.default_scheme
+        self._builtin = schema.builtin_login_query()
+        self._engine: AsyncEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # --- Authenticator ---------------------------------------------------------------------
+
+    async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision:
+        verdict = await self.explain(creds, client)
+        log.log(
+            verdict.level,
+            "directory: %s: %s (%s, %s from %s)",
+            verdict.user,
+            verdict.reason,
+            creds.method.value,
+            client.protocol,
+            client.ip,
+        )
+        return verdict.decision
+
+    async def close(self) -> None:
+        if self._background:  # abandoned queries and pools being closed: bounded wait
+            await asyncio.wait(set(self._background), timeout=2 * DISPOSE_TIMEOUT)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await dispose(engine)
+
+    # --- the decision ------------------------------------------------------------------------
+
+    async def explain(self, creds: Credentials, client: ClientInfo) -> Verdict:
+        """The decision and its reason (`authenticate` logs it; `auth test` prints it)."""
+        try:
+            user, _ = normalise_user(creds.user, lower_local=self._custom is None)
+        except BadUserName as e:
+            return Verdict(Reject(), f"refused: {e}")  # the name is not logged: it may be hostile
+        verdict = await self._explain(user, creds, client)
+        return dataclasses.replace(verdict, user=user)
+
+    async def _explain(self, user: str, creds: Credentials, client: ClientInfo) -> Verdict:
+        if creds.method not in _CHECKS:
+            return Verdict(Reject(), f"method {creds.method.value} is not for the directory")
+        if not creds.secret:
+            return Verdict(Reject(), "empty password")  # never valid, whatever is stored
+        if creds.method in _SALTED and not creds.salt:
+            return Verdict(Reject(), "challenge missing", level=logging.ERROR)
+        try:
+            record = await self.lookup(user, client.protocol)
+        except DirectoryUnavailable as e:
+            reason = f"directory unavailable: {e}"
+            return Verdict(TempFail(reason), reason, level=logging.WARNING)
+        return await self._decide(record, user, creds)
+
+    async def _decide(self, record: UserRecord | None, user: str, creds: Credentials) -> Verdict:
+        stored = record.password.reveal() if record and record.password else None
+        try:
+            ok = await _run_check(creds, stored)
+        except passwords.NoCleartext:
+            method = creds.method.value
+            return Verdict(
+                Reject(),
+                f"{method} needs a cleartext password for {user}; use PLAIN or store {{PLAIN}}",
+                level=logging.WARNING,
+            )
+        except (passwords.UnknownScheme, passwords.MalformedHash) as e:
+            scheme = scheme_of(stored or "")
+            if isinstance(e, passwords.UnknownScheme):
+                reason = f"stored password of {user} uses unknown scheme {scheme}"
+            else:
+                reason = f"stored password of {user} is not a valid {scheme} value"
+            return Verdict(Reject(), reason, level=logging.ERROR)
+        if record is None or stored is None:
+            return Verdict(Reject(), "unknown user" if record is None else "no password stored")
+        if not ok:
+            return Verdict(Reject(), "wrong password")
+        if record.refused:
+            return Verdict(Reject(), record.refused)
+        return self._route(record, stored, creds)
+
+    def _route(self, record: UserRecord, stored: str, creds: Credentials) -> Verdict:
+        if record.problem or record.host is None or record.port is None:
+            problem = record.problem or "no route"
+            return Verdict(TempFail(problem), problem, level=logging.ERROR)
+        if record.master_user and record.master_password is not None:
+            login = f"{record.login}{self.settings.master_separator}{record.master_user}"
+            secret = record.master_password
+        elif creds.method in _SALTED:
+            clear = passwords.cleartext(stored)
+            if clear is None:
+                problem = f"{creds.method.value} ok but no cleartext to log in to the backend"
+                reason = problem + "; set a master user"
+                return Verdict(TempFail(problem), reason, level=logging.ERROR)
+            login, secret = record.login, Secret(clear)
+        else:
+            login, secret = record.login, creds.secret
+        route = Route(record.host, record.port, login, secret, record.tls, record.mailstore)
+        # DEBUG: the session already logs one line per login; refusals are worth a line more.
+        return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
+
+    # --- the lookup ------------------------------------------------------------------------------
+
+    async def lookup(self, user: str, protocol: str) -> UserRecord | None:
+        """The user's record for `protocol`, or None. Raises DirectoryUnavailable."""
+        try:
+            user, domain = normalise_user(user, lower_local=self._custom is None)
+        except BadUserName:
+            return None
+        params = {"user": user, "domain": domain, "protocol": protocol}
+        engine = self._current_engine()
+        # The query runs in its own task so that giving up on it is instant: cancelling a
+        # query can wait on the driver (a SQLite busy handler, a socket to a frozen server),
+        # and that clean-up must not hold the client. It finishes in the background.
+        task = asyncio.ensure_future(self._query(engine, params))
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self.settings.query_timeout)
+        except asyncio.CancelledError:  # the client went away: the pool is fine
+            task.cancel()
+            self._track(task)
+            raise
+        if not done:
+            task.cancel()
+            self._retire(engine, task)
+            raise DirectoryUnavailable(f"no answer in {self.settings.query_timeout:g} s")
+        try:
+            return task.result()
+        except DirectoryUnavailable:
+            raise
+        except Exception as e:  # an error of unknown kind is temporary (design rule 5)
+            if not isinstance(e, ProgrammingError):  # a broken query is not a broken pool
+                self._retire(engine, None)
+            raise DirectoryUnavailable(_describe(e)) from None
+
+    async def _query(self, engine: AsyncEngine, params: dict[str, str]) -> UserRecord | None:
+        async with engine.connect() as conn:
+            if self._custom is not None:
+                return await self._lookup_custom(conn, params)
+            row = (await conn.execute(self._builtin, params)).mappings().first()
+        return None if row is None else self._builtin_record(row, params["protocol"])
+
+    def _builtin_record(self, row: Mapping[Any, Any], protocol: str) -> UserRecord:
+        refused = next(
+            (why for flag, why in _ACTIVE_FLAGS if row[flag] is not None and not row[flag]), None
+        )
+        problem, port, tls = None, None, None
+        if row["ms_host"] is None:
+            problem = "no mailstore: the user's domain is missing and no mailstore is set"
+        else:
+            port = row.get(f"ms_{protocol}_port") or self.settings.ports.get(protocol)
+            problem = None if port else f"no port for protocol {protocol!r}"
+            tls = BackendTLS(row["ms_tls"]) if row["ms_tls"] else None
+        master = row["ms_master_password"]
+        return UserRecord(
+            user=row["address"],
+            login=row["address"],
+            password=Secret(row["password"]) if row["password"] is not None else None,
+            refused=refused,
+            problem=problem,
+            mailstore=row["ms_name"],
+            host=row["ms_host"],
+            port=port,
+            tls=tls,
+            master_user=row["ms_master_user"],
+            master_password=Secret(master) if master is not None else None,
+        )
+
+    async def _lookup_custom(
+        self, conn: AsyncConnection, params: dict[str, str]
+    ) -> UserRecord | None:
+        assert self._custom is not None
+        q = self._custom
+        row = (await conn.execute(q.password.clause, q.password.params(params))).mappings().first()
+        if row is None:
+            return None
+        if "password" not in row:
+            raise DirectoryUnavailable("directory.queries.password returns no 'password' column")
+        raw = _text(row["password"])
+        refused = None if _truthy(row.get("active", True)) else "user disabled"
+        login = _text(row.get("user")) or params["user"]
+        route = (await conn.execute(q.route.clause, q.route.params(params))).mappings().first()
+        host, port, problem = self._custom_route(route, params["protocol"])
+        s = self.settings
+        return UserRecord(
+            user=params["user"],
+            login=login,
+            password=Secret(self._tag(raw)) if raw else None,
+            refused=refused,
+            problem=problem,
+            mailstore=host,
+            host=host,
+            port=port,
+            master_user=s.master_user,
+            master_password=s.master_password if s.master_user else None,
+        )
+
+    def _custom_route(
+        self, row: Mapping[Any, Any] | None, protocol: str
+    ) -> tuple[str | None, int | None, str | None]:
+        if row is None or not _text(row.get("host")):
+            return None, None, "directory.queries.route found no host for this user"
+        try:
+            host, port = schema.parse_host(_text(row["host"]))
+            if row.get("port") is not None:
+                port = int(row["port"])
+        except (schema.BadRoute, ValueError, TypeError) as e:
+            return None, None, f"directory.queries.route: {e}"
+        port = port or self.settings.ports.get(protocol)
+        if not port or not 0 < port < 65536:
+            return None, None, f"no valid port for protocol {protocol!r}"
+        return host, port, None
+
+    def _tag(self, stored: str) -> str:
+        return stored if _TAGGED.match(stored) else f"{{{self._default_scheme}}}{stored}"
+
+    # --- the pool ------------------------------------------------------------------------------
+
+    def _current_engine(self) -> AsyncEngine:
+        # Created in the running loop: asyncio drivers bind their sockets to it.
+        loop = asyncio.get_running_loop()
+        if self._engine is None or self._loop is not loop:
+            self._engine = make_engine(self.settings.url, self.settings.pool_size)
+            self._loop = loop
+        return self._engine
+
+    def _retire(self, engine: AsyncEngine, task: asyncio.Future[Any] | None) -> None:
+        """Forget a pool after an error so the next login opens fresh connections.
+
+        The old pool is closed in the background once its stuck query (if any) has let go.
+        """
+        if self._engine is engine:
+            self._engine = None
+        self._track(asyncio.ensure_future(_dispose_after(engine, task)))
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(_forget(self._background))
+
+
+async def _dispose_after(engine: AsyncEngine, task: asyncio.Future[Any] | None) -> None:
+    if task is not None:
+        await asyncio.wait((task,), timeout=DISPOSE_TIMEOUT)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DISPOSE_TIMEOUT):
+            await dispose(engine)
+
+
+def _forget(tasks: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the failure was already turned into a TempFail
+
+    return done
+
+
+# --- password checks per method --------------------------------------------------------------
+
+
+def _check_plain(stored: str, creds: Credentials) -> bool:
+    return passwords.verify(stored, creds.secret)
+
+
+def _check_cram(stored: str, creds: Credentials) -> bool:
+    return passwords.verify_cram_md5(stored, creds.salt or "", creds.secret)
+
+
+def _check_apop(stored: str, creds: Credentials) -> bool:
+    return passwords.verify_apop(stored, creds.salt or "", creds.secret)
+
+
+_CHECKS: dict[Method, Callable[[str, Credentials], bool]] = {
+    Method.PLAIN: _check_plain,
+    Method.LOGIN: _check_plain,
+    Method.CRAM_MD5: _check_cram,
+    Method.APOP: _check_apop,
+}
+_SALTED = frozenset({Method.CRAM_MD5, Method.APOP})
+# (column, reason) in the order a refusal is explained.
+_ACTIVE_FLAGS = (
+    ("user_active", "user disabled"),
+    ("domain_active", "domain disabled"),
+    ("ms_active", "mailstore disabled"),
+)
+
+
+async def _run_check(creds: Credentials, stored: str | None) -> bool:
+    """Check the password; without a stored one, check a dummy so the work is the same."""
+    if creds.method in _SALTED or (stored or "").startswith(FAST_SCHEMES):
+        return _check(creds, stored)
+    return await asyncio.to_thread(_check, creds, stored)
+
+
+def _check(creds: Credentials, stored: str | None) -> bool:
+    if stored is None:
+        stored = _DUMMY_CLEAR if creds.method in _SALTED else passwords.DUMMY_HASH
+    return _CHECKS[creds.method](stored, creds)
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, str | bytes):
+        return _text(value).strip().lower() not in _FALSE
+    return bool(value)
+
+
+def _describe(e: BaseException) -> str:
+    """The error class and the driver's own class: enough to act on, nothing bound."""
+    orig = getattr(e, "orig", None)
+    name = type(e).__name__
+    return f"{name} ({type(orig).__name__}: {str(orig)[:160]})" if orig is not None else name

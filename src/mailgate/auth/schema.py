@@ -1,0 +1,349 @@
+"""mailgate's own directory schema, its migrations, and the queries the directory runs.
+
+Two shapes of database are supported:
+
+- the built-in schema below (`mailstores`, `domains`, `users`), written by `admin.py` and read
+  with one join per login;
+- an existing schema (Dovecot passdb-sql style), read with the operator's two queries from
+  `[directory.queries]`, e.g. the seed's postfix tables:
+  `SELECT clear AS password FROM users WHERE email = :user LIMIT 1` and
+  `SELECT destination_mailstore AS host FROM transport WHERE domain = :domain LIMIT 1`.
+
+Every value from a client reaches the database as a bound parameter (:user, :domain,
+:protocol), never as SQL text. SQLAlchemy 2 Core only: no ORM, no sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Select,
+    String,
+    Table,
+    TextClause,
+    bindparam,
+    func,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+# RFC 5321 4.5.3.1: 64 octets of local part + "@" + 255 of domain; 320 is the usual round cap.
+MAX_ADDRESS = 320
+MAX_DOMAIN = 255
+# An argon2id string is ~100 characters, bcrypt 60, sha512-crypt 106; 512 also holds a
+# {PLAIN} password of 500 characters, in a VARCHAR every database stores inline.
+MAX_PASSWORD = 512
+MAX_NAME = 64  # mailstore names: short labels for logs and metrics
+MAX_HOST = 255  # RFC 1035 host name length
+TLS_MODES = ("none", "starttls", "implicit")
+# The bind parameters a configured query may use.
+QUERY_PARAMS = frozenset({"user", "domain", "protocol"})
+
+metadata = MetaData()
+
+schema_version = Table(
+    "mailgate_schema",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+)
+
+mailstores = Table(
+    "mailstores",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_NAME), nullable=False, unique=True),
+    Column("host", String(MAX_HOST), nullable=False),
+    Column("imap_port", Integer, nullable=True),  # NULL: [directory.ports] / protocol default
+    Column("pop3_port", Integer, nullable=True),
+    Column("smtp_port", Integer, nullable=True),
+    Column("tls", String(16), nullable=False, default="none"),
+    # Dovecot master user: log in as "user*master" with this password instead of the user's.
+    Column("master_user", String(MAX_ADDRESS), nullable=True),
+    Column("master_password", String(MAX_PASSWORD), nullable=True),
+    Column("active", Boolean, nullable=False, default=True),
+    CheckConstraint("tls IN ('none', 'starttls', 'implicit')", name="mailstores_tls"),
+)
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_DOMAIN), nullable=False, unique=True),
+    Column("mailstore_id", Integer, ForeignKey("mailstores.id"), nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("address", String(MAX_ADDRESS), nullable=False, unique=True),  # lower-case
+    Column("password", String(MAX_PASSWORD), nullable=False),  # "{SCHEME}..."
+    Column("active", Boolean, nullable=False, default=True),
+    # NULL: the domain's mailstore. Set: this user lives elsewhere (a moved mailbox).
+    Column("mailstore_id", Integer, ForeignKey("mailstores.id"), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, default=_now),
+    Column("updated_at", DateTime(timezone=True), nullable=False, default=_now, onupdate=_now),
+)
+
+
+# --- engines --------------------------------------------------------------------------------
+
+# Recycle pooled connections after 30 minutes: MySQL drops idle ones after wait_timeout
+# (8 h by default, often lowered to minutes by hosters) and NAT/firewalls after ~1 h.
+POOL_RECYCLE = 1800.0
+# aiosqlite's worker thread hands the result of its last job (closing a connection that
+# failed to open, or whose query was cancelled) to the event loop a moment after the job;
+# closing the loop before then makes the thread raise. 50 ms is ample for a local close.
+SQLITE_SETTLE = 0.05
+# Extra connections past pool_size under a burst, released when idle (SQLAlchemy's default).
+MAX_OVERFLOW = 10
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "mysql": "mysql+aiomysql",
+    "mariadb": "mysql+aiomysql",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+
+
+def engine_url(url: str) -> str:
+    """Pick the asyncio driver: sqlite:///x -> sqlite+aiosqlite:///x, and so on."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url.split('@')[-1]!r}")
+    if "+" in scheme:
+        return url  # the operator named a driver
+    if scheme not in _DRIVERS:
+        raise ValueError(f"unsupported database {scheme!r} (sqlite, mysql, postgresql)")
+    return f"{_DRIVERS[scheme]}://{rest}"
+
+
+def make_engine(url: str, pool_size: int) -> AsyncEngine:
+    """An engine that checks connections before use and never logs bound values."""
+    full = engine_url(url)
+    pool: dict[str, Any] = {"pool_size": max(pool_size, 1), "max_overflow": MAX_OVERFLOW}
+    if full.startswith("sqlite") and (":memory:" in full or full.endswith("://")):
+        pool = {}  # one shared in-memory connection (StaticPool): no pool to size
+    return create_async_engine(
+        full, pool_pre_ping=True, pool_recycle=POOL_RECYCLE, hide_parameters=True, **pool
+    )
+
+
+async def dispose(engine: AsyncEngine) -> None:
+    """Close a pool's connections; for SQLite, also let its worker threads finish."""
+    await engine.dispose()
+    if engine.dialect.name == "sqlite":
+        await asyncio.sleep(SQLITE_SETTLE)
+
+
+# --- versions -------------------------------------------------------------------------------
+
+
+class SchemaError(Exception):
+    """The database has no mailgate schema, a newer one, or a configured query is unusable."""
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[mailstores, domains, users])
+
+
+# (version, step): each step takes the schema from version - 1 to version. Append only.
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1),)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _current(conn: Connection) -> int | None:
+    if not inspect(conn).has_table(schema_version.name):
+        return None
+    version = conn.execute(select(func.max(schema_version.c.version))).scalar()
+    return int(version) if version is not None else None
+
+
+def _migrate(conn: Connection) -> tuple[int, int]:
+    before = _current(conn)
+    if before is None:
+        metadata.create_all(conn, tables=[schema_version])
+        conn.execute(schema_version.insert().values(version=0))
+        before = 0
+    if before > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database schema version {before} is newer than this mailgate ({SCHEMA_VERSION})"
+        )
+    for version, step in MIGRATIONS:
+        if version > before:
+            step(conn)
+            conn.execute(schema_version.update().values(version=version))
+    return before, SCHEMA_VERSION
+
+
+async def create(conn: AsyncConnection) -> int:
+    """Create the schema in an empty database; returns the version. Refuses an existing one."""
+    if await conn.run_sync(_current) is not None:
+        raise SchemaError("the database already has a mailgate schema (use upgrade)")
+    await conn.run_sync(_migrate)
+    return SCHEMA_VERSION
+
+
+async def upgrade(conn: AsyncConnection) -> tuple[int, int]:
+    """Apply the migrations the database lacks; returns (version before, version after)."""
+    if await conn.run_sync(_current) is None:
+        raise SchemaError("the database has no mailgate schema (use init)")
+    return await conn.run_sync(_migrate)
+
+
+async def version(conn: AsyncConnection) -> int | None:
+    return await conn.run_sync(_current)
+
+
+# --- queries the directory runs ---------------------------------------------------------------
+
+
+def builtin_login_query() -> Select[tuple[object, ...]]:
+    """One row per known user: password, the three active flags and the effective mailstore.
+
+    One round trip per login. The user's own mailstore (a moved mailbox) wins over the
+    domain's; both joins are outer so a user whose domain row is missing still comes back
+    (and is refused with a reason in the log rather than as "unknown user").
+    """
+    ms = mailstores
+    return (
+        select(
+            users.c.address,
+            users.c.password,
+            users.c.active.label("user_active"),
+            domains.c.active.label("domain_active"),
+            ms.c.name.label("ms_name"),
+            ms.c.host.label("ms_host"),
+            ms.c.imap_port.label("ms_imap_port"),
+            ms.c.pop3_port.label("ms_pop3_port"),
+            ms.c.smtp_port.label("ms_smtp_port"),
+            ms.c.tls.label("ms_tls"),
+            ms.c.master_user.label("ms_master_user"),
+            ms.c.master_password.label("ms_master_password"),
+            ms.c.active.label("ms_active"),
+        )
+        .select_from(users)
+        .outerjoin(domains, domains.c.name == bindparam("domain"))
+        .outerjoin(ms, ms.c.id == func.coalesce(users.c.mailstore_id, domains.c.mailstore_id))
+        .where(users.c.address == bindparam("user"))
+        .limit(1)
+    )
+
+
+def custom_query(sql: str, key: str) -> BoundQuery:
+    """An operator's query as a bound statement; `key` names it in errors (config path).
+
+    Only :user, :domain and :protocol may appear, so a typo fails at start, not per login.
+    """
+    clause = text(sql)
+    used = set(clause.compile().params)
+    unknown = sorted(used - QUERY_PARAMS)
+    if unknown:
+        allowed = ", ".join(":" + p for p in sorted(QUERY_PARAMS))
+        raise SchemaError(
+            f"{key}: unknown parameter :{unknown[0]} (allowed: {allowed};"
+            " write \\: for a colon that is not a parameter)"
+        )
+    if not used & {"user", "domain"}:
+        raise SchemaError(f"{key}: the query must use :user or :domain")
+    return BoundQuery(clause, frozenset(used))
+
+
+@dataclass(frozen=True, slots=True)
+class BoundQuery:
+    """A configured query and the parameter names it uses (some drivers refuse extra ones)."""
+
+    clause: TextClause
+    names: frozenset[str]
+
+    def params(self, values: Mapping[str, str]) -> dict[str, str]:
+        return {k: v for k, v in values.items() if k in self.names}
+
+
+@dataclass(frozen=True, slots=True)
+class CustomQueries:
+    password: BoundQuery  # columns: password [, user] [, active]
+    route: BoundQuery  # columns: host [, port]
+
+
+def custom_queries(password_sql: str, route_sql: str) -> CustomQueries:
+    return CustomQueries(
+        custom_query(password_sql, "directory.queries.password"),
+        custom_query(route_sql, "directory.queries.route"),
+    )
+
+
+# --- route values from an existing schema ----------------------------------------------------
+
+# A postfix transport value starts with the transport's name ("smtp:", "lmtp:", "relay:");
+# names are letters, digits and dashes (master.cf service names), never dots. "name:digits"
+# is a host and a port instead ("localhost:2143").
+_TRANSPORT = re.compile(r"^[A-Za-z][A-Za-z0-9-]*:(?!\d+$)")
+_BRACKETED = re.compile(r"^\[([^\]]+)\](?::(\d+))?$")
+_HOST = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class BadRoute(ValueError):
+    """A route query returned a host value we cannot use; the message is safe to log."""
+
+
+def parse_host(value: str) -> tuple[str, int | None]:
+    """'smtp:10.0.0.5' -> ('10.0.0.5', None); '10.0.0.5:2143' -> ('10.0.0.5', 2143).
+
+    Also '[::1]:2143', 'smtp:[mail.example.com]', bare IPv6 and host names. The port of a
+    postfix transport value ('smtp:[h]:25') is the delivery port, not the one for this
+    protocol, so it is dropped: the `port` column or [directory.ports] decides instead.
+    """
+    value = value.strip()
+    if _is_ip(value):  # a bare IPv6 address looks like "name:rest" to the patterns below
+        return value, None
+    transport = _TRANSPORT.match(value)
+    rest = value[transport.end() :] if transport else value
+    host, port = _split(rest)
+    if not (_HOST.match(host) or _is_ip(host)):
+        raise BadRoute(f"route host {value[:80]!r} is not a host name or address")
+    if port is not None and not 0 < port < 65536:
+        raise BadRoute(f"route host {value[:80]!r} has an invalid port")
+    return host, None if transport else port
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _split(value: str) -> tuple[str, int | None]:
+    bracketed = _BRACKETED.match(value)
+    if bracketed:
+        port = bracketed.group(2)
+        return bracketed.group(1), int(port) if port else None
+    host, sep, port_text = value.rpartition(":")
+    if sep and port_text.isdigit() and ":" not in host:
+        return host, int(port_text)
+    return value, None  # a host name, an IPv4 address or a bare IPv6 address

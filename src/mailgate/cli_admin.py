@@ -1,0 +1,401 @@
+"""Admin subcommands: `directory`, `mailstore`, `domain`, `user` and `auth test`.
+
+Parsing and printing only; the work is in `mailgate.admin` (writes) and
+`mailgate.auth.directory` (`auth test`). Passwords are read from a terminal prompt or, with
+`--password-stdin`, from the first line of standard input: never from argv, where `ps` and
+shell history would show them. Exit codes: 0 ok, 1 the operation failed, 2 usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+from mailgate import admin
+from mailgate.auth.directory import SqlDirectory
+from mailgate.auth.model import ClientInfo, Credentials, Method, Reject, Route, Secret
+from mailgate.auth.schema import TLS_MODES, SchemaError, dispose, make_engine
+from mailgate.config import PROTOCOLS, ConfigError, DirectorySettings, Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# One line of standard input: far above any password (sasl.MAX_FIELD is 1 KiB).
+MAX_STDIN_LINE = 4096
+
+LoadSettings = Callable[[str], Settings]
+Handler = Callable[[argparse.Namespace], int]
+Command = Callable[[argparse.Namespace, DirectorySettings], Coroutine[Any, Any, int]]
+
+
+class UsageError(Exception):
+    """The command line cannot be acted on (exit 2)."""
+
+
+def register(subparsers: Any, load_settings: LoadSettings) -> None:
+    """Add the admin commands to the top-level subparsers (argparse's _SubParsersAction)."""
+
+    def leaf(parent: Any, name: str, help_text: str, run: Command) -> Any:
+        p = parent.add_parser(name, help=help_text, description=help_text)
+        # Also accepted after the subcommand; SUPPRESS keeps a top-level -c when not given here.
+        p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+        p.set_defaults(func=_handler(run, load_settings))
+        return p
+
+    def group(name: str, help_text: str) -> Any:
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+    d = group("directory", "create or upgrade mailgate's tables in the [directory] database")
+    leaf(d, "init", "create the tables in an empty database", _directory_init)
+    leaf(d, "upgrade", "apply schema migrations", _directory_upgrade)
+
+    m = group("mailstore", "backend mail servers")
+    p = leaf(m, "add", "add a mailstore", _mailstore_add)
+    p.add_argument("name")
+    p.add_argument("--host", required=True, help="host name or IP address")
+    for proto in PROTOCOLS:
+        p.add_argument(f"--{proto}-port", type=int, help="default: [directory.ports]")
+    p.add_argument("--tls", choices=TLS_MODES, default="none")
+    p.add_argument("--master-user", help="log in to this mailstore as user*MASTER (Dovecot)")
+    p.add_argument("--master-password-stdin", action="store_true")
+    leaf(m, "list", "list mailstores", _mailstore_list)
+    for name, run in (("remove", _mailstore_remove), ("enable", _mailstore_enable)):
+        leaf(m, name, f"{name} a mailstore", run).add_argument("name")
+    leaf(m, "disable", "refuse logins to a mailstore", _mailstore_disable).add_argument("name")
+
+    dm = group("domain", "mail domains and their mailstore")
+    p = leaf(dm, "add", "add a domain", _domain_add)
+    p.add_argument("name")
+    p.add_argument("--mailstore", required=True)
+    leaf(dm, "list", "list domains", _domain_list)
+    for name, run in (
+        ("remove", _domain_remove),
+        ("enable", _domain_enable),
+        ("disable", _domain_disable),
+    ):
+        leaf(dm, name, f"{name} a domain", run).add_argument("name")
+
+    u = group("user", "mail users")
+    p = leaf(u, "add", "add a user", _user_add)
+    p.add_argument("address")
+    p.add_argument("--mailstore", help="default: the domain's mailstore")
+    _password_options(p)
+    p = leaf(u, "passwd", "set a user's password", _user_passwd)
+    p.add_argument("address")
+    _password_options(p)
+    for name, run in (
+        ("disable", _user_disable),
+        ("enable", _user_enable),
+        ("remove", _user_remove),
+    ):
+        leaf(u, name, f"{name} a user", run).add_argument("address")
+    p = leaf(u, "move", "send a user's logins to another mailstore", _user_move)
+    p.add_argument("address")
+    p.add_argument("mailstore")
+    p = leaf(u, "list", "list users", _user_list)
+    p.add_argument("--domain")
+
+    a = group("auth", "check logins")
+    p = leaf(a, "test", "try a login against the directory, as doveadm auth test", _auth_test)
+    p.add_argument("user")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="imap")
+    p.add_argument("--client-ip", default="127.0.0.1")
+    p.add_argument("--password-stdin", action="store_true")
+
+
+def _password_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--password-stdin", action="store_true", help="read it from stdin's 1st line")
+    p.add_argument("--scheme", default=admin.DEFAULT_SCHEME, help="e.g. ARGON2ID, PLAIN")
+
+
+# --- running a command ------------------------------------------------------------------------
+
+
+def _handler(run: Command, load_settings: LoadSettings) -> Handler:
+    def handle(args: argparse.Namespace) -> int:
+        try:
+            settings = _directory_settings(args, load_settings)
+            return asyncio.run(run(args, settings))
+        except UsageError as e:
+            return _fail(str(e), EXIT_USAGE)
+        except ConfigError as e:
+            return _fail(f"configuration error: {e}", EXIT_USAGE)
+        except (admin.AdminError, SchemaError) as e:
+            return _fail(str(e), EXIT_FAILED)
+        except (EOFError, KeyboardInterrupt):
+            return _fail("interrupted", EXIT_FAILED)
+        except Exception as e:  # a database error: say which, without bound values
+            return _fail(f"database error: {_describe(e)}", EXIT_FAILED)
+
+    return handle
+
+
+def _directory_settings(args: argparse.Namespace, load_settings: LoadSettings) -> DirectorySettings:
+    path = getattr(args, "config", None)
+    if not path:
+        raise UsageError("-c FILE is required: the configuration with the [directory] section")
+    directory = load_settings(path).directory
+    if directory is None:
+        raise ConfigError(f"{path}: no [directory] section; these commands need one")
+    return directory
+
+
+async def _admin(settings: DirectorySettings, op: Callable[..., Awaitable[Any]]) -> Any:
+    """Run one admin operation on a fresh engine (one connection is enough)."""
+    if settings.queries is not None:
+        raise admin.AdminError(
+            "[directory] uses its own queries: mailgate manages only its own schema; "
+            "change users in your database"
+        )
+    engine = make_engine(settings.url, 1)
+    try:
+        return await op(engine)
+    finally:
+        await dispose(engine)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"mailgate: {message}", file=sys.stderr)
+    return code
+
+
+def _describe(e: BaseException) -> str:
+    orig = getattr(e, "orig", None)
+    return f"{type(orig).__name__}: {orig}" if orig is not None else f"{type(e).__name__}: {e}"
+
+
+def _read_secret(from_stdin: bool, prompt: str, *, confirm: bool, flag: str) -> Secret:
+    if from_stdin:
+        line = sys.stdin.readline(MAX_STDIN_LINE + 1)
+        if len(line) > MAX_STDIN_LINE:
+            raise UsageError("the password line on stdin is too long")
+        return Secret(line.removesuffix("\n").removesuffix("\r"))
+    if not sys.stdin.isatty():
+        raise UsageError(f"no terminal to ask for the password: use {flag}")
+    first = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Again: ") != first:
+        raise admin.AdminError("the passwords do not match")
+    return Secret(first)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(headers)] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# --- directory --------------------------------------------------------------------------------
+
+
+async def _directory_init(args: argparse.Namespace, s: DirectorySettings) -> int:
+    version = await _admin(s, admin.init_schema)
+    print(f"directory schema version {version} created")
+    return EXIT_OK
+
+
+async def _directory_upgrade(args: argparse.Namespace, s: DirectorySettings) -> int:
+    before, after = await _admin(s, admin.upgrade_schema)
+    print(f"directory schema at version {after}" + (f" (was {before})" if before != after else ""))
+    return EXIT_OK
+
+
+# --- mailstores -------------------------------------------------------------------------------
+
+
+async def _mailstore_add(args: argparse.Namespace, s: DirectorySettings) -> int:
+    master = None
+    if args.master_user is not None:
+        flag = "--master-password-stdin"
+        master = _read_secret(
+            args.master_password_stdin, "Master password: ", confirm=True, flag=flag
+        )
+    elif args.master_password_stdin:
+        raise UsageError("--master-password-stdin needs --master-user")
+    await _admin(
+        s,
+        lambda e: admin.add_mailstore(
+            e,
+            args.name,
+            args.host,
+            imap_port=args.imap_port,
+            pop3_port=args.pop3_port,
+            smtp_port=args.smtp_port,
+            tls=args.tls,
+            master_user=args.master_user,
+            master_password=master,
+        ),
+    )
+    print(f"mailstore {args.name} added")
+    return EXIT_OK
+
+
+async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int:
+    found = await _admin(s, admin.list_mailstores)
+    _table(
+        ("NAME", "HOST", "IMAP", "POP3", "SMTP", "TLS", "MASTER", "ACTIVE", "DOMAINS", "MOVED"),
+        [
+            (
+                m.name,
+                m.host,
+                m.imap_port,
+                m.pop3_port,
+                m.smtp_port,
+                m.tls,
+                m.master_user,
+                _yes(m.active),
+                m.domains,
+                m.users,
+            )
+            for m in found
+        ],
+    )
+    return EXIT_OK
+
+
+async def _mailstore_remove(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.remove_mailstore(e, args.name))
+    print(f"mailstore {args.name} removed")
+    return EXIT_OK
+
+
+async def _mailstore_enable(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_mailstore_active(e, args.name, True))
+    print(f"mailstore {args.name} enabled")
+    return EXIT_OK
+
+
+async def _mailstore_disable(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_mailstore_active(e, args.name, False))
+    print(f"mailstore {args.name} disabled")
+    return EXIT_OK
+
+
+# --- domains ----------------------------------------------------------------------------------
+
+
+async def _domain_add(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.add_domain(e, args.name, args.mailstore))
+    print(f"domain {args.name.lower()} added on {args.mailstore}")
+    return EXIT_OK
+
+
+async def _domain_list(args: argparse.Namespace, s: DirectorySettings) -> int:
+    found = await _admin(s, admin.list_domains)
+    _table(
+        ("DOMAIN", "MAILSTORE", "ACTIVE", "USERS"),
+        [(d.name, d.mailstore, _yes(d.active), d.users) for d in found],
+    )
+    return EXIT_OK
+
+
+async def _domain_remove(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.remove_domain(e, args.name))
+    print(f"domain {args.name.lower()} removed")
+    return EXIT_OK
+
+
+async def _domain_enable(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_domain_active(e, args.name, True))
+    print(f"domain {args.name.lower()} enabled")
+    return EXIT_OK
+
+
+async def _domain_disable(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_domain_active(e, args.name, False))
+    print(f"domain {args.name.lower()} disabled")
+    return EXIT_OK
+
+
+# --- users ------------------------------------------------------------------------------------
+
+
+async def _user_add(args: argparse.Namespace, s: DirectorySettings) -> int:
+    password = _read_secret(
+        args.password_stdin, "Password: ", confirm=True, flag="--password-stdin"
+    )
+    await _admin(
+        s,
+        lambda e: admin.add_user(
+            e, args.address, password, mailstore=args.mailstore, scheme=args.scheme
+        ),
+    )
+    print(f"user {args.address.lower()} added")
+    return EXIT_OK
+
+
+async def _user_passwd(args: argparse.Namespace, s: DirectorySettings) -> int:
+    password = _read_secret(
+        args.password_stdin, "New password: ", confirm=True, flag="--password-stdin"
+    )
+    await _admin(s, lambda e: admin.set_password(e, args.address, password, scheme=args.scheme))
+    print(f"password of {args.address.lower()} changed")
+    return EXIT_OK
+
+
+async def _user_enable(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_user_active(e, args.address, True))
+    print(f"user {args.address.lower()} enabled")
+    return EXIT_OK
+
+
+async def _user_disable(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_user_active(e, args.address, False))
+    print(f"user {args.address.lower()} disabled")
+    return EXIT_OK
+
+
+async def _user_move(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.move_user(e, args.address, args.mailstore))
+    print(f"user {args.address.lower()} now logs in on {args.mailstore}")
+    return EXIT_OK
+
+
+async def _user_remove(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.remove_user(e, args.address))
+    print(f"user {args.address.lower()} removed")
+    return EXIT_OK
+
+
+async def _user_list(args: argparse.Namespace, s: DirectorySettings) -> int:
+    found = await _admin(s, lambda e: admin.list_users(e, args.domain))
+    _table(
+        ("ADDRESS", "MAILSTORE", "MOVED", "ACTIVE", "SCHEME"),
+        [(u.address, u.mailstore, _yes(u.moved), _yes(u.active), u.scheme) for u in found],
+    )
+    return EXIT_OK
+
+
+# --- auth test --------------------------------------------------------------------------------
+
+
+async def _auth_test(args: argparse.Namespace, s: DirectorySettings) -> int:
+    """Print the decision as `doveadm auth test` does: passdb result, then the details."""
+    password = _read_secret(
+        args.password_stdin, "Password: ", confirm=False, flag="--password-stdin"
+    )
+    directory = SqlDirectory(s)
+    try:
+        creds = Credentials(Method.PLAIN, args.user, password)
+        verdict = await directory.explain(creds, ClientInfo(args.client_ip, 0, args.protocol))
+    finally:
+        await directory.close()
+    decision = verdict.decision
+    if isinstance(decision, Route):
+        print(f"passdb: {verdict.user} auth succeeded")
+        tls = decision.tls.value if decision.tls else "[backend] tls"
+        print(f"  backend: {decision.host}:{decision.port} ({args.protocol}, tls {tls})")
+        print(f"  mailstore: {decision.mailstore or '-'}")
+        print(f"  login user: {decision.user}")
+        return EXIT_OK
+    outcome = "failed" if isinstance(decision, Reject) else "failed temporarily"
+    print(f"passdb: {verdict.user} auth {outcome}")
+    print(f"  why: {verdict.reason}")
+    return EXIT_FAILED

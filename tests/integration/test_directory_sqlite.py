@@ -1,0 +1,556 @@
+"""The SQL directory against a real SQLite file: what a logging-in client gets, and the log.
+
+`DirectoryBehaviour` is the behaviour suite; a subclass provides `db_url`, the URL of an empty
+database. This file runs it on SQLite; tests/e2e/test_directory_sql.py runs the same suite on
+MariaDB and PostgreSQL. Data is written through `mailgate.admin`, as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData, text
+
+from mailgate import admin
+from mailgate.auth import passwords
+from mailgate.auth.directory import SqlDirectory, engine_url
+from mailgate.auth.model import (
+    BackendTLS,
+    ClientInfo,
+    Credentials,
+    Decision,
+    Method,
+    Reject,
+    Route,
+    Secret,
+    TempFail,
+)
+from mailgate.auth.schema import SchemaError, dispose, make_engine
+from mailgate.config import DirectoryQueries, DirectorySettings
+
+LOGGER = "mailgate.auth.directory"
+FAILED = Reject("Authentication failed.")
+SALT = "<1896.697170952@mail.example.com>"  # RFC 1939's APOP example timestamp
+ALICE_PW = "my little p%ony"  # the seed article's example: space and "%"
+CAROL_PW = "carol-clear"
+MASTER_PW = "master-secret"
+# The seed article's schema and its two queries, verbatim but for named parameters.
+SEED_QUERIES = DirectoryQueries(
+    password="SELECT clear AS password FROM users WHERE email = :user LIMIT 1",
+    route="SELECT destination_mailstore AS host FROM transport WHERE domain = :domain LIMIT 1",
+)
+SEED_DDL = (
+    "CREATE TABLE users (email VARCHAR(255) NOT NULL, clear VARCHAR(255))",
+    "CREATE TABLE transport (domain VARCHAR(255) NOT NULL, destination_mailstore VARCHAR(255))",
+)
+HOSTILE_NAMES = ["' OR 1=1 --", "alice@example.com' --", '" OR ""="', "%", "*", "alice@%"]
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+def cram(password: str, salt: str = SALT) -> Secret:
+    return Secret(hmac.new(password.encode(), salt.encode(), hashlib.md5).hexdigest())
+
+
+def apop(password: str, salt: str = SALT) -> Secret:
+    return Secret(hashlib.md5((salt + password).encode()).hexdigest())
+
+
+async def wipe(url: str) -> None:
+    """Drop every table, so each test starts from an empty database."""
+    engine = make_engine(url, 1)
+    try:
+        async with engine.begin() as conn:
+            meta = MetaData()
+            await conn.run_sync(meta.reflect)
+            await conn.run_sync(meta.drop_all)
+    finally:
+        await dispose(engine)
+
+
+async def sql(url: str, *statements: str, **params: object) -> None:
+    engine = make_engine(url, 1)
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement), params)
+    finally:
+        await dispose(engine)
+
+
+async def set_stored(url: str, address: str, stored: str) -> None:
+    """Add a user whose stored password is `stored` verbatim (admin would refuse some)."""
+    e = make_engine(url, 1)
+    try:
+        await admin.add_user(e, address, Secret("placeholder"), scheme="PLAIN")
+    finally:
+        await dispose(e)
+    await sql(url, "UPDATE users SET password = :p WHERE address = :a", p=stored, a=address)
+
+
+async def populate(url: str) -> None:
+    """Two mailstores and two domains, as `mailgate mailstore/domain/user add` would make them.
+
+    store1 (10.0.0.5): own IMAP and SMTP ports, STARTTLS; example.com lives here.
+    store2 (10.0.0.6): a Dovecot master user; example.org lives here.
+    """
+    await wipe(url)
+    e = make_engine(url, 1)
+    try:
+        await admin.init_schema(e)
+        await admin.add_mailstore(
+            e, "store1", "10.0.0.5", imap_port=2143, smtp_port=2525, tls="starttls"
+        )
+        await admin.add_mailstore(
+            e, "store2", "10.0.0.6", master_user="proxy", master_password=Secret(MASTER_PW)
+        )
+        await admin.add_domain(e, "example.com", "store1")
+        await admin.add_domain(e, "Example.ORG", "store2")
+        await admin.add_user(e, "Alice@Example.com", Secret(ALICE_PW))  # ARGON2ID
+        await admin.add_user(e, "carol@example.com", Secret(CAROL_PW), scheme="PLAIN")
+        await admin.add_user(e, "dave@example.org", Secret("dave-pw"), scheme="SSHA512")
+    finally:
+        await dispose(e)
+
+
+class Env:
+    """One SqlDirectory (kept across logins, as in a running server) and an admin engine."""
+
+    def __init__(self, url: str, **settings: Any) -> None:
+        self.url = url
+        self.directory = SqlDirectory(DirectorySettings(url=url, **settings))
+        self.engine = make_engine(url, 1)
+
+    async def auth(
+        self,
+        user: str,
+        secret: str | Secret,
+        method: Method = Method.PLAIN,
+        protocol: str = "imap",
+        salt: str | None = None,
+    ) -> Decision:
+        secret = secret if isinstance(secret, Secret) else Secret(secret)
+        if method in (Method.CRAM_MD5, Method.APOP):
+            salt = salt or SALT
+        creds = Credentials(method, user, secret, salt=salt)
+        return await self.directory.authenticate(creds, ClientInfo("192.0.2.7", 50123, protocol))
+
+    async def close(self) -> None:
+        await self.directory.close()
+        await dispose(self.engine)
+
+
+@contextlib.asynccontextmanager
+async def env(url: str, **settings: Any) -> AsyncIterator[Env]:
+    e = Env(url, **settings)
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+def route(decision: Decision) -> Route:
+    assert isinstance(decision, Route), decision
+    return decision
+
+
+class DirectoryBehaviour:
+    """The behaviour suite. Subclasses define the `db_url` fixture (an empty database)."""
+
+    # --- successful logins -------------------------------------------------------------------
+
+    def test_plain_and_login_route_to_the_domain_mailstore_with_the_users_password(
+        self, db_url: str
+    ) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                for method in (Method.PLAIN, Method.LOGIN):
+                    r = route(await e.auth("ALICE@example.COM", ALICE_PW, method))
+                    assert (r.host, r.port, r.tls, r.mailstore) == (
+                        "10.0.0.5", 2143, BackendTLS.STARTTLS, "store1"
+                    )  # fmt: skip
+                    assert r.user == "alice@example.com"
+                    assert r.secret.reveal() == ALICE_PW
+
+        run(scenario())
+
+    def test_port_follows_the_protocol_mailstore_column_else_settings(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            ports = {"imap": 143, "pop3": 1110, "smtp": 25}
+            async with env(db_url, ports=ports) as e:
+                got = {p: route(await e.auth("alice@example.com", ALICE_PW, protocol=p)).port
+                       for p in ports}  # fmt: skip
+            assert got == {"imap": 2143, "pop3": 1110, "smtp": 2525}
+
+        run(scenario())
+
+    def test_cram_md5_and_apop_with_a_cleartext_password_pass_it_to_the_backend(
+        self, db_url: str
+    ) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                for method, digest in ((Method.CRAM_MD5, cram), (Method.APOP, apop)):
+                    r = route(await e.auth("carol@example.com", digest(CAROL_PW), method, "pop3"))
+                    assert (r.host, r.port, r.user) == ("10.0.0.5", 110, "carol@example.com")
+                    assert r.secret.reveal() == CAROL_PW
+                    wrong = await e.auth("carol@example.com", digest("guess"), method, "pop3")
+                    assert wrong == FAILED
+
+        run(scenario())
+
+    def test_cram_md5_against_a_hashed_password_is_refused_with_a_clear_log_line(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                assert await e.auth("alice@example.com", cram(ALICE_PW), Method.CRAM_MD5) == FAILED
+                assert await e.auth("alice@example.com", apop(ALICE_PW), Method.APOP) == FAILED
+
+        run(scenario())
+        assert (
+            "cram-md5 needs a cleartext password for alice@example.com; use PLAIN or store {PLAIN}"
+            in caplog.text
+        )
+        assert "apop needs a cleartext password for alice@example.com" in caplog.text
+
+    def test_master_user_mailstore_logs_in_as_user_star_master(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                r = route(await e.auth("dave@EXAMPLE.org", "dave-pw"))
+                assert (r.host, r.port, r.mailstore) == ("10.0.0.6", 143, "store2")
+                assert r.user == "dave@example.org*proxy"
+                assert r.secret.reveal() == MASTER_PW
+                assert r.tls == BackendTLS.NONE
+            async with env(db_url, master_separator="%") as e:
+                assert route(await e.auth("dave@example.org", "dave-pw")).user == (
+                    "dave@example.org%proxy"
+                )
+
+        run(scenario())
+
+    def test_user_mailstore_overrides_the_domains_and_move_changes_it(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                await admin.add_user(e.engine, "erin@example.com", Secret("e"), mailstore="store2")
+                r = route(await e.auth("erin@example.com", "e"))
+                assert (r.host, r.user) == ("10.0.0.6", "erin@example.com*proxy")
+                await admin.move_user(e.engine, "alice@example.com", "store2")
+                assert route(await e.auth("alice@example.com", ALICE_PW)).host == "10.0.0.6"
+                await admin.move_user(e.engine, "alice@example.com", "store1")
+                assert route(await e.auth("alice@example.com", ALICE_PW)).host == "10.0.0.5"
+                moved = {u.address: u.moved for u in await admin.list_users(e.engine)}
+                assert moved["alice@example.com"] is False  # back home: override cleared
+                assert moved["erin@example.com"] is True
+
+        run(scenario())
+
+    def test_lookup_returns_the_record_or_none(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                rec = await e.directory.lookup("Alice@Example.COM", "smtp")
+                assert rec is not None
+                assert (rec.user, rec.host, rec.port, rec.refused) == (
+                    "alice@example.com", "10.0.0.5", 2525, None
+                )  # fmt: skip
+                assert "argon2" not in repr(rec)  # the stored hash is a Secret
+                assert await e.directory.lookup("nobody@example.com", "imap") is None
+                assert await e.directory.lookup("a\r\nb", "imap") is None
+
+        run(scenario())
+
+    # --- refusals: all the same to the client ----------------------------------------------
+
+    def test_unknown_user_wrong_password_and_disabled_get_the_same_reject(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                answers = [
+                    await e.auth("nobody@example.com", ALICE_PW),
+                    await e.auth("alice@example.com", "wrong"),
+                    await e.auth("alice@nowhere.test", ALICE_PW),
+                ]
+                await admin.set_user_active(e.engine, "alice@example.com", False)
+                answers.append(await e.auth("alice@example.com", ALICE_PW))
+                await admin.set_user_active(e.engine, "alice@example.com", True)
+                await admin.set_domain_active(e.engine, "example.com", False)
+                answers.append(await e.auth("alice@example.com", ALICE_PW))
+                await admin.set_domain_active(e.engine, "example.com", True)
+                await admin.set_mailstore_active(e.engine, "store1", False)
+                answers.append(await e.auth("alice@example.com", ALICE_PW))
+                await admin.set_mailstore_active(e.engine, "store1", True)
+                assert answers == [FAILED] * 6
+                route(await e.auth("alice@example.com", ALICE_PW))  # enabled again
+
+        run(scenario())
+        for reason in ("unknown user", "wrong password", "user disabled", "domain disabled",
+                       "mailstore disabled"):  # fmt: skip
+            assert reason in caplog.text
+        assert ALICE_PW not in caplog.text
+
+    def test_unknown_user_is_checked_against_the_dummy_hash(
+        self, db_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        checked: list[str] = []
+        real = passwords.verify
+
+        def spy(stored: str, password: Secret, **kw: Any) -> bool:
+            checked.append(stored)
+            return real(stored, password, **kw)
+
+        monkeypatch.setattr(passwords, "verify", spy)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                assert await e.auth("nobody@example.com", "x") == FAILED
+
+        run(scenario())
+        assert checked == [passwords.DUMMY_HASH]
+
+    def test_empty_password_is_never_valid(self, db_url: str) -> None:
+        # The seed's Perl compared "" with the undef of an unknown user and let it in.
+        async def scenario() -> None:
+            await populate(db_url)
+            await set_stored(db_url, "empty@example.com", "{PLAIN}")
+            async with env(db_url) as e:
+                assert await e.auth("nobody@example.com", "") == FAILED
+                assert await e.auth("empty@example.com", "") == FAILED
+                assert await e.auth("alice@example.com", "") == FAILED
+                assert await e.auth("", "") == FAILED
+
+        run(scenario())
+
+    def test_sql_looking_user_names_are_just_unknown_users(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                for name in HOSTILE_NAMES:
+                    assert await e.auth(name, ALICE_PW) == FAILED, name
+                    assert await e.auth(name, CAROL_PW) == FAILED, name
+                route(await e.auth("alice@example.com", ALICE_PW))  # tables intact
+                assert len(await admin.list_users(e.engine)) == 3
+
+        run(scenario())
+
+    def test_control_characters_and_overlong_names_are_refused_unlogged(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        names = ["alice@example.com\r\nX-Injected: 1", "alice\0@example.com", "a\nb", "x" * 321]
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                for name in names:
+                    assert await e.auth(name, ALICE_PW) == FAILED
+
+        run(scenario())
+        assert "X-Injected" not in caplog.text and "\0" not in caplog.text
+        assert "x" * 321 not in caplog.text
+        assert caplog.text.count("refused: ") == len(names)
+
+    def test_unknown_scheme_and_malformed_hash_are_refused_and_logged_without_the_hash(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        stored = {
+            "odd@example.com": "{ROT13}frperg-unfu-inyhr",
+            "bad@example.com": "{SHA256}not~base64~at~all~hash~value",
+        }
+
+        async def scenario() -> None:
+            await populate(db_url)
+            for address, value in stored.items():
+                await set_stored(db_url, address, value)
+            async with env(db_url) as e:
+                for address in stored:
+                    assert await e.auth(address, "typed-password") == FAILED
+
+        run(scenario())
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert "stored password of odd@example.com uses unknown scheme {ROT13}" in errors[0]
+        assert "stored password of bad@example.com is not a valid {SHA256} value" in errors[1]
+        for value in stored.values():
+            assert value.split("}")[1] not in caplog.text
+        assert "typed-password" not in caplog.text
+
+    def test_method_none_is_not_for_the_directory(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                assert await e.auth("alice@example.com", ALICE_PW, Method.NONE, "smtp") == FAILED
+
+        run(scenario())
+
+    # --- an existing schema: the seed's postfix tables -------------------------------------
+
+    def test_seed_schema_verbatim(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await wipe(db_url)
+            await sql(db_url, *SEED_DDL)
+            await sql(
+                db_url,
+                "INSERT INTO users (email, clear) VALUES ('pony@example.com', 'my little p%ony')",
+                "INSERT INTO users (email, clear) VALUES ('bob@example.net', '$ecret{}')",
+                "INSERT INTO users (email, clear) VALUES ('empty@example.com', '')",
+                "INSERT INTO transport VALUES ('example.com', 'smtp:10.0.0.5')",
+                "INSERT INTO transport VALUES ('example.net', '10.0.0.7:2143')",
+            )
+            ports = {"imap": 143, "pop3": 110, "smtp": 25}
+            async with env(db_url, queries=SEED_QUERIES, ports=ports) as e:
+                for proto, port in ports.items():
+                    r = route(await e.auth("pony@EXAMPLE.com", "my little p%ony", protocol=proto))
+                    assert (r.host, r.port, r.user) == ("10.0.0.5", port, "pony@example.com")
+                    assert r.secret.reveal() == "my little p%ony"
+                r = route(
+                    await e.auth("pony@example.com", cram("my little p%ony"), Method.CRAM_MD5)
+                )
+                assert r.secret.reveal() == "my little p%ony"  # the seed's Auth-Pass
+                r = route(await e.auth("bob@example.net", "$ecret{}"))
+                assert (r.host, r.port) == ("10.0.0.7", 2143)
+                assert await e.auth("pony@example.com", "my little p%25ony") == FAILED
+                assert await e.auth("nobody@example.com", "") == FAILED  # the seed's hole
+                assert await e.auth("empty@example.com", "") == FAILED
+                for name in HOSTILE_NAMES:
+                    assert await e.auth(name, "my little p%ony") == FAILED
+
+        run(scenario())
+
+    def test_custom_schema_user_active_and_port_columns(self, db_url: str) -> None:
+        queries = DirectoryQueries(
+            # "user" is a reserved word in PostgreSQL: quoted, it works everywhere.
+            password='SELECT pw AS password, login AS "user", enabled AS active FROM accounts'
+            " WHERE name = :user",
+            route="SELECT host, port FROM routes WHERE domain = :domain AND proto = :protocol",
+        )
+
+        async def scenario() -> None:
+            await wipe(db_url)
+            await sql(
+                db_url,
+                "CREATE TABLE accounts (name VARCHAR(100), pw VARCHAR(200), login VARCHAR(100),"
+                " enabled INTEGER)",
+                "CREATE TABLE routes (domain VARCHAR(100), proto VARCHAR(10), host VARCHAR(100),"
+                " port INTEGER)",
+                "INSERT INTO accounts VALUES ('Fred@example.com', '{PLAIN}f', 'fred', 1)",
+                "INSERT INTO accounts VALUES ('gone@example.com', '{PLAIN}g', NULL, 0)",
+                "INSERT INTO routes VALUES ('example.com', 'imap', 'imap.example.com', 993)",
+                # "\\:" is text()'s escape for a colon that is not a parameter.
+                "INSERT INTO routes VALUES ('example.com', 'pop3', 'smtp:[10.1.1.1]\\:25', NULL)",
+            )
+            settings = {"queries": queries, "master_user": "m", "master_password": Secret("mp")}
+            async with env(db_url, **settings) as e:
+                r = route(await e.auth("Fred@EXAMPLE.COM", "f"))  # domain lower-cased
+                assert (r.host, r.port, r.user, r.secret.reveal()) == (
+                    "imap.example.com", 993, "fred*m", "mp"
+                )  # fmt: skip
+                r = route(await e.auth("Fred@example.com", "f", protocol="pop3"))
+                assert (r.host, r.port) == ("10.1.1.1", 110)  # the transport's :25 is for SMTP
+                assert await e.auth("gone@example.com", "g") == FAILED
+                no_route = await e.auth("Fred@example.com", "f", protocol="smtp")
+                assert isinstance(no_route, TempFail)
+
+        run(scenario())
+
+    # --- outages are temporary -------------------------------------------------------------
+
+    def test_missing_tables_and_broken_queries_are_tempfail_not_reject(self, db_url: str) -> None:
+        broken = DirectoryQueries(
+            password="SELECT no_such_column AS password FROM users WHERE email = :user",
+            route="SELECT destination_mailstore AS host FROM transport WHERE domain = :domain",
+        )
+
+        async def scenario() -> None:
+            await wipe(db_url)
+            async with env(db_url) as e:  # no schema at all
+                assert isinstance(await e.auth("alice@example.com", ALICE_PW), TempFail)
+            await sql(db_url, *SEED_DDL)
+            async with env(db_url, queries=broken) as e:
+                assert isinstance(await e.auth("alice@example.com", ALICE_PW), TempFail)
+
+        run(scenario())
+
+
+class TestSqliteDirectory(DirectoryBehaviour):
+    @pytest.fixture
+    def db_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path / 'directory.db'}"
+
+
+# --- SQLite only --------------------------------------------------------------------------------
+
+
+def test_engine_url_picks_the_asyncio_driver() -> None:
+    assert engine_url("sqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    assert engine_url("mysql://u:p@h/db") == "mysql+aiomysql://u:p@h/db"
+    assert engine_url("mariadb://u@h/db") == "mysql+aiomysql://u@h/db"
+    assert engine_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
+    assert engine_url("postgresql+asyncpg://u@h/db") == "postgresql+asyncpg://u@h/db"
+    with pytest.raises(ValueError, match="unsupported database 'oracle'"):
+        engine_url("oracle://u@h/db")
+
+
+def test_unknown_query_parameter_fails_at_start(tmp_path: Path) -> None:
+    queries = DirectoryQueries(
+        password="SELECT clear AS password FROM users WHERE email = :username",
+        route=SEED_QUERIES.route,
+    )
+    with pytest.raises(SchemaError, match=r"queries.password: unknown parameter :username"):
+        SqlDirectory(DirectorySettings(url=f"sqlite:///{tmp_path}/x.db", queries=queries))
+
+
+def test_unreadable_database_is_tempfail(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with env(f"sqlite:///{tmp_path}/no/such/dir/x.db") as e:
+            decision = await e.auth("alice@example.com", ALICE_PW)
+            assert isinstance(decision, TempFail)
+            assert "directory unavailable" in decision.reason
+
+    run(scenario())
+
+
+def test_locked_database_is_tempfail_within_the_timeout_then_recovers(tmp_path: Path) -> None:
+    """A writer holding an exclusive lock stands in for a database that stopped answering."""
+    url = f"sqlite:///{tmp_path / 'directory.db'}"
+
+    async def scenario() -> None:
+        await populate(url)
+        async with env(url, query_timeout=0.3) as e:
+            route(await e.auth("carol@example.com", CAROL_PW))
+            locker = make_engine(url, 1)
+            conn = await locker.connect()
+            await conn.exec_driver_sql("BEGIN EXCLUSIVE")
+            try:
+                decision = await e.auth("carol@example.com", CAROL_PW)
+                assert isinstance(decision, TempFail)
+                assert "no answer in 0.3 s" in decision.reason
+            finally:
+                await conn.rollback()
+                await conn.close()
+                await dispose(locker)
+            route(await e.auth("carol@example.com", CAROL_PW))  # same SqlDirectory, no restart
+
+    run(scenario())

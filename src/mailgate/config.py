@@ -171,6 +171,7 @@ class Settings:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     metrics_listen: str | None = None
+    pid_file: Path | None = None  # written by serve; `mailgate directory flush` signals it
     source: Path | None = None
 
 
@@ -217,6 +218,7 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         shutdown_timeout=t.timeout("shutdown_timeout", 30.0),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         metrics_listen=t.get("metrics_listen", str, None),
+        pid_file=t.path("pid_file"),
         source=source,
     )
     t.check_unknown()

@@ -222,6 +222,17 @@ def serve(settings: Settings) -> int:
     preflight(settings)
     if settings.metrics_listen:
         metrics.serve(settings.metrics_listen)
+    if settings.pid_file is not None:
+        settings.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        return _serve(settings)
+    finally:
+        if settings.pid_file is not None:
+            with contextlib.suppress(OSError):
+                settings.pid_file.unlink()
+
+
+def _serve(settings: Settings) -> int:
     if settings.workers == 1:
         sockets = bind_all(settings, reuse_port=False)
         _announce(settings, sockets)

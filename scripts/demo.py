@@ -133,7 +133,8 @@ mailgate is running on its embedded default (SQLite directory, two Dovecot store
   alice@example.com / alice-secret   lives on store1
   bob@example.org   / bob-secret     lives on store2
 Try (-k: the demo certificate is self-signed):
-  curl -k --ssl-reqd 'imap://127.0.0.1:{LISTEN["imap"]}/INBOX;UID=1' -u alice@example.com:alice-secret
+  curl -k --ssl-reqd 'imap://127.0.0.1:{LISTEN["imap"]}/INBOX;UID=1' \\
+       -u alice@example.com:alice-secret
   curl -k 'imaps://127.0.0.1:{LISTEN["imaps"]}/INBOX;UID=1' -u bob@example.org:bob-secret
   curl -k 'pop3s://127.0.0.1:{LISTEN["pop3s"]}/1' -u bob@example.org:bob-secret
   openssl s_client -quiet -starttls imap -connect 127.0.0.1:{LISTEN["imap"]}

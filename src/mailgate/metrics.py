@@ -22,6 +22,9 @@ ACTIVE = Gauge(
     ["phase"],
     multiprocess_mode="livesum",
 )
+# Children looked up once: these change on every session, on the hot path.
+ACTIVE_PREAUTH = ACTIVE.labels("preauth")
+ACTIVE_RELAY = ACTIVE.labels("relay")
 
 
 def serve(listen: str) -> None:

@@ -121,7 +121,7 @@ class Session:
     async def run(self) -> None:
         sessions = self.ctx.sessions
         sessions.preauth.add(self)
-        metrics.ACTIVE.labels("preauth").inc()
+        metrics.ACTIVE_PREAUTH.inc()
         relay_started = False
         try:
             deadline = asyncio.get_running_loop().time() + self.ctx.protocol.login_timeout
@@ -129,6 +129,8 @@ class Session:
         except TimeoutError:
             self.outcome = "timeout"
             self.chan.write(self.ctx.farewell.idle)
+        except OSError as e:  # a failed TLS handshake, a reset: the client's doing, no trace
+            self.outcome = f"connection error ({type(e).__name__})"
         except asyncio.CancelledError:
             self.outcome = "shutdown"
             self.chan.write(self.ctx.farewell.shutdown)
@@ -139,7 +141,7 @@ class Session:
             self.chan.write(self.ctx.farewell.unavailable)
         finally:
             sessions.preauth.discard(self)
-            metrics.ACTIVE.labels("preauth").dec()
+            metrics.ACTIVE_PREAUTH.dec()
             if not relay_started:
                 self.chan.close()
                 metrics.SESSIONS.labels(self.ctx.listener.protocol, self.outcome).inc()
@@ -265,7 +267,7 @@ class Session:
             on_done=record.done,
         )
         self.ctx.sessions.relays.add(relay)
-        metrics.ACTIVE.labels("relay").inc()
+        metrics.ACTIVE_RELAY.inc()
         relay.start(to_backend, backend.trailing)
 
 
@@ -285,7 +287,7 @@ class _RelayRecord:
 
     def done(self, relay: Relay) -> None:
         self.sessions.relays.discard(relay)
-        metrics.ACTIVE.labels("relay").dec()
+        metrics.ACTIVE_RELAY.dec()
         metrics.SESSIONS.labels(self.protocol, relay.ended).inc()
         metrics.BYTES.labels(self.protocol, "in").inc(relay.bytes_in)
         metrics.BYTES.labels(self.protocol, "out").inc(relay.bytes_out)

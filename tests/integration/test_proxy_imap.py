@@ -266,3 +266,46 @@ def test_shutdown_says_bye_to_relayed_sessions() -> None:
             assert b"a OK" in read_until(sock, b"a OK")
             proxy.loop.call_soon_threadsafe(proxy.worker.stop.set)
             assert b"* BYE Server shutting down" in read_until(sock, b"BYE")
+
+
+def test_failed_tls_handshake_is_logged_without_a_traceback(
+    proxy_tls: tuple[str, str, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key, _client_ctx = proxy_tls
+    caplog.set_level(logging.INFO)
+    with running_auth(FakeAuth(route_to(1))) as auth:
+        cfg = base_config(auth.url)
+        cfg["listener"] = [listener("imap", "starttls")]
+        cfg["tls"] = {"certificate": cert, "certificate_key": key}
+        with running_proxy(cfg) as proxy:
+            sock = raw_session(proxy.port("imap", "starttls"))
+            sock.sendall(b"a STARTTLS\r\n")
+            assert read_until(sock, b"\r\n").startswith(b"a OK")
+            sock.sendall(b"this is not a TLS ClientHello\r\n" * 4)
+            assert read_until(sock, b"never") == b""  # the session is closed
+            time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailgate.session"]
+    assert any("outcome=connection error" in line for line in lines), lines
+    assert "Traceback" not in caplog.text
+
+
+def test_metrics_count_sessions_and_logins() -> None:
+    from urllib.request import urlopen
+
+    metrics_port = free_port()
+    with (
+        running_backend(imap_backend(PASSWORD)) as backend,
+        running_auth(FakeAuth(route_to(backend.port))) as auth,
+        running_proxy(base_config(auth.url)) as proxy,
+    ):
+        from mailgate import metrics
+
+        metrics.serve(f"127.0.0.1:{metrics_port}")
+        imap = client(proxy.port("imap"))
+        imap.login("alice@example.com", PASSWORD)
+        imap.logout()
+        time.sleep(0.2)
+        text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'mailgate_logins_total{protocol="imap",result="ok"}' in text
+    assert 'mailgate_sessions_total{outcome="backend closed",protocol="imap"}' in text
+    assert 'mailgate_relay_bytes_total{direction="out",protocol="imap"}' in text

@@ -446,14 +446,15 @@ class _SmtpHandler:
 def _aiosmtpd_server(fake: SmtpBackend, loop: asyncio.AbstractEventLoop) -> Any:
     from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-    class XclientSMTP(SMTP):  # type: ignore[misc]
+    class XclientSMTP(SMTP):
         async def smtp_XCLIENT(self, arg: str) -> None:
             fake.commands.append(("XCLIENT", arg))
             pairs = dict(item.partition("=")[::2] for item in arg.split())
+            session: Any = self.session
             # Postfix: XCLIENT resets the session to its start; the client must EHLO again.
-            self.session.xclient = {**getattr(self.session, "xclient", {}), **pairs}
-            self.session.host_name = None
-            self.session.extended_smtp = False
+            session.xclient = {**getattr(session, "xclient", {}), **pairs}
+            session.host_name = None
+            session.extended_smtp = False
             await self.push("220 backend.test ESMTP (after XCLIENT)")
 
     def authenticate(
@@ -503,12 +504,14 @@ def running_smtp_backend(fake: SmtpBackend) -> Iterator[SmtpBackend]:
             asyncio.run_coroutine_threadsafe(stop(), loop).result(5)
 
 
-def smtp_line_backend(rcpt: bytes | None = b"250 2.1.5 Ok\r\n") -> FakeBackend:
-    """A bare SMTP FakeBackend offering XCLIENT: every command gets a fixed reply, and RCPT
-    gets `rcpt` (None: no answer at all, a backend that hangs mid-envelope)."""
+def smtp_line_backend(
+    rcpt: bytes | None = b"250 2.1.5 Ok\r\n", xclient: bytes = b"220 line.test ESMTP\r\n"
+) -> FakeBackend:
+    """A bare SMTP FakeBackend offering XCLIENT: every command gets a fixed reply, XCLIENT gets
+    `xclient`, and RCPT gets `rcpt` (None: no answer at all, a backend that hangs)."""
     replies = {
         b"EHLO": b"250-line.test\r\n250 " + SMTP_XCLIENT_OFFER[4:].encode() + b"\r\n",
-        b"XCLIENT": b"220 line.test ESMTP\r\n",
+        b"XCLIENT": xclient,
         b"MAIL": b"250 2.1.0 Ok\r\n",
         b"QUIT": b"221 2.0.0 Bye\r\n",
     }

@@ -471,7 +471,7 @@ def start_nginx_http_auth(
     adds = "".join(f"      add_header {k} {v};\n" for k, v in headers.items())
     body = (
         f"http {{\n  access_log off;\n{temps}  server {{\n    listen 127.0.0.1:{port};\n"
-        f"    location = /auth {{\n{adds}      return 204;\n    }}\n  }}\n}}\n"
+        f"    location = /auth {{\n{adds}      return 200;\n    }}\n  }}\n}}\n"
     )
     return _start_nginx(workdir, name, body, {"http": port})
 

@@ -44,7 +44,13 @@ class _Side(asyncio.Protocol):
         self.eof = True
         relay = self.relay
         peer = self.peer.transport
-        if self is relay.client and not self.peer.eof and peer.can_write_eof():
+        if (
+            self is relay.client
+            and not self.peer.eof
+            and peer.can_write_eof()
+            # A TLS client's close_notify cannot be half a close: asyncio closes its side.
+            and self.transport.get_extra_info("ssl_object") is None
+        ):
             # The client half-closed (e.g. after LOGOUT): pass it on and still deliver the
             # backend's last replies.
             peer.write_eof()
@@ -141,7 +147,7 @@ class Relay:
         if self._done:
             return
         if self.ended == "open":
-            if side is self.client:
+            if side is self.client or self.client.eof:  # the backend answered a half-close
                 self.ended = "client closed"
             elif self.farewell.normal_end(self.client.tail, self.backend.tail):
                 self.ended = "backend closed"

@@ -16,6 +16,7 @@ tested without sockets; `AuthHttpClient` only moves bytes and maps failures to `
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
@@ -23,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-import aiohttp
 from yarl import URL
 
+from mailgate.auth.http11 import HttpPool
 from mailgate.auth.model import (
     ClientInfo,
     Credentials,
@@ -44,21 +45,12 @@ log = logging.getLogger("mailgate.auth.http")
 # while the auth service is down. A healthy service answers in milliseconds; 5 s absorbs a
 # slow database query and still answers the client well inside any mail client's own timeout.
 DEFAULT_TIMEOUT = 5.0
-# nginx reads the whole answer into one 1 KiB buffer. We allow 4 KiB per header line so a
-# long Auth-Pass still fits (sasl.MAX_FIELD is 1 KiB, and escaping can triple it).
-MAX_HEADER_LINE = 4096
-# An answer carries at most eight auth headers, plus what a web framework adds on its own
-# (Date, Server, Content-Type, Content-Length, Connection ...).
-MAX_HEADERS = 32
-# The body means nothing to auth_http. One this small is read so the connection can be
-# reused; a larger or unknown-length body is not read: the connection is dropped instead.
-MAX_BODY = 4096
 # Connections to the auth service per worker process: logins wait for a free one (inside the
 # timeout) rather than opening thousands of sockets when the service slows down.
 POOL_LIMIT = 64
-# Idle pooled connections are closed after 15 s (aiohttp's default), well before common
+# Idle pooled connections are closed after 15 s, well before common
 # server keep-alive timeouts (nginx and aiohttp 75 s), so the server rarely closes first.
-# When it does, aiohttp retries an idempotent GET once on a fresh connection.
+# When it does, the GET is retried once on a fresh connection (http11.HttpPool).
 KEEPALIVE_TIMEOUT = 15.0
 # Auth-Wait delays the client's next try. A buggy answer must not hold a session for hours;
 # 30 s is ten times the usual value (3 s, as in nginx's documentation example).
@@ -66,8 +58,6 @@ MAX_WAIT = 30
 
 UNAVAILABLE = "[UNAVAILABLE]"  # nginx's Client-Host when the name is not resolved
 _SALTED = frozenset({Method.CRAM_MD5, Method.APOP})
-# aiohttp would add these on its own; nginx sends none of them.
-_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 # ngx_escape_uri(NGX_ESCAPE_MAIL_AUTH): control bytes, space and "%"; plus DEL and 8-bit (above).
 _ESCAPED = frozenset(range(0x21)) | {0x25} | frozenset(range(0x7F, 0x100))
@@ -253,7 +243,7 @@ def parse_response(status: int, headers: Mapping[str, str], creds: Credentials) 
 class AuthHttpClient:
     """An `Authenticator` asking an auth_http service over pooled keep-alive connections."""
 
-    __slots__ = ("_closed", "_session", "_settings", "_url")
+    __slots__ = ("_closed", "_pool", "_settings", "_url")
 
     def __init__(self, settings: AuthHttpSettings) -> None:
         # Validate now (start-up), so a bad url or header fails the config check, not a login.
@@ -264,24 +254,13 @@ class AuthHttpClient:
         if settings.timeout <= 0:
             raise ValueError("auth_http timeout must be positive")
         self._settings = settings
-        self._session: aiohttp.ClientSession | None = None  # created in the running loop
+        self._pool: HttpPool | None = None  # created in the running loop
         self._closed = False
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=POOL_LIMIT, keepalive_timeout=KEEPALIVE_TIMEOUT
-                ),
-                timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                cookie_jar=aiohttp.DummyCookieJar(),  # a Set-Cookie must not change later requests
-                auto_decompress=False,
-                max_line_size=MAX_HEADER_LINE,
-                max_field_size=MAX_HEADER_LINE,
-                max_headers=MAX_HEADERS,
-            )
-        return self._session
+    def _get_pool(self) -> HttpPool:
+        if self._pool is None:
+            self._pool = HttpPool(str(self._url), limit=POOL_LIMIT, keepalive=KEEPALIVE_TIMEOUT)
+        return self._pool
 
     async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision:
         if self._closed:
@@ -301,22 +280,15 @@ class AuthHttpClient:
 
     async def _ask(self, creds: Credentials, client: ClientInfo) -> Decision:
         headers = build_request_headers(creds, client, self._settings)
-        async with self._get_session().get(
-            self._url, headers=headers, allow_redirects=False
-        ) as resp:
-            decision = parse_response(resp.status, resp.headers, creds)
-            length = resp.content_length
-            if length is not None and length <= MAX_BODY:
-                await resp.read()  # consumed: the connection goes back to the pool
-            else:
-                resp.close()  # unread body: drop the connection instead
-            return decision
+        async with asyncio.timeout(self._settings.timeout):
+            answer = await self._get_pool().get(headers)
+        return parse_response(answer.status, answer.headers, creds)
 
     async def close(self) -> None:
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
 
 def _log_decision(decision: Decision, creds: Credentials, client: ClientInfo) -> None:

@@ -295,6 +295,8 @@ class _RelayRecord:
 
 
 def _log_session(rec: _RelayRecord, outcome: str, relay: Relay | None = None) -> None:
+    if not log.isEnabledFor(logging.INFO):  # skip the formatting work, once per session
+        return
     c = rec.client
     traffic = f" in={relay.bytes_in} out={relay.bytes_out}" if relay else ""
     log.info(
@@ -328,5 +330,7 @@ def _client_info(chan: Channel, protocol: str) -> ClientInfo:
 
 def _safe(text: str) -> str:
     """A client-supplied name made safe for a log line (no control bytes, bounded length)."""
+    if len(text) <= 128 and text.isprintable() and " " not in text:
+        return text  # the common case, without building a new string
     clean = "".join(c if c.isprintable() and c != " " else "?" for c in text[:128])
     return clean + ("..." if len(text) > 128 else "")

@@ -3,7 +3,8 @@
 Parsing and printing only; the work is in `mailgate.admin` (writes) and
 `mailgate.auth.directory` (`auth test`). Passwords are read from a terminal prompt or, with
 `--password-stdin`, from the first line of standard input: never from argv, where `ps` and
-shell history would show them. Exit codes: 0 ok, 1 the operation failed, 2 usage or config.
+shell history would show them. `directory flush` signals a running server (via `pid_file`) to
+forget its cached logins. Exit codes: 0 ok, 1 the operation failed, 2 usage or config.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from mailgate import admin
@@ -24,6 +28,10 @@ from mailgate.config import PROTOCOLS, ConfigError, DirectorySettings, Settings
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # One line of standard input: far above any password (sasl.MAX_FIELD is 1 KiB).
 MAX_STDIN_LINE = 4096
+# A pid file holds one decimal number and a newline; Linux pids have at most 7 digits.
+MAX_PID_FILE = 64
+# What `mailgate serve` acts on by flushing the route cache in every worker (server.py).
+FLUSH_SIGNAL = signal.SIGUSR1
 
 LoadSettings = Callable[[str], Settings]
 Handler = Callable[[argparse.Namespace], int]
@@ -48,9 +56,17 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
         p = subparsers.add_parser(name, help=help_text, description=help_text)
         return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
-    d = group("directory", "create or upgrade mailgate's tables in the [directory] database")
+    d = group("directory", "create or upgrade the [directory] tables; flush a server's cache")
     leaf(d, "init", "create the tables in an empty database", _directory_init)
     leaf(d, "upgrade", "apply schema migrations", _directory_upgrade)
+    p = d.add_parser(
+        "flush",
+        help="make a running `mailgate serve` forget its cached logins",
+        description="Signal the server named by pid_file to flush its route cache in every "
+        "worker, so a disabled user, a new password or a moved mailbox counts at the next login.",
+    )
+    p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    p.set_defaults(func=lambda args: _directory_flush(args, load_settings))
 
     m = group("mailstore", "backend mail servers")
     p = leaf(m, "add", "add a mailstore", _mailstore_add)
@@ -205,6 +221,81 @@ async def _directory_upgrade(args: argparse.Namespace, s: DirectorySettings) -> 
     before, after = await _admin(s, admin.upgrade_schema)
     print(f"directory schema at version {after}" + (f" (was {before})" if before != after else ""))
     return EXIT_OK
+
+
+def _directory_flush(args: argparse.Namespace, load_settings: LoadSettings) -> int:
+    """SIGUSR1 to the pid in `pid_file`, once it is known to be mailgate's: a stale file after
+    a crash may name a process that took the pid over, and SIGUSR1 would kill it."""
+    path = getattr(args, "config", None)
+    if not path:
+        return _fail("-c FILE is required: the configuration of the running server", EXIT_USAGE)
+    try:
+        settings = load_settings(path)
+    except ConfigError as e:
+        return _fail(f"configuration error: {e}", EXIT_USAGE)
+    if settings.directory is None:
+        return _fail(
+            f"{path}: no [directory] section: there is no route cache to flush", EXIT_USAGE
+        )
+    if settings.pid_file is None:
+        return _fail(
+            f"{path}: pid_file is not set; set it (mailgate serve writes it) to use flush",
+            EXIT_USAGE,
+        )
+    try:
+        pid = _read_pid(settings.pid_file)
+        _check_is_mailgate(pid)
+        os.kill(pid, FLUSH_SIGNAL)
+    except FileNotFoundError:
+        return _fail(f"{settings.pid_file}: no such file: is mailgate serve running?", EXIT_FAILED)
+    except ProcessLookupError:
+        return _fail(
+            f"process {pid} named in {settings.pid_file} is gone: mailgate serve is not running "
+            "(a stale pid file)",
+            EXIT_FAILED,
+        )
+    except PermissionError:
+        return _fail(
+            f"not allowed to signal process {pid}: run flush as the user mailgate runs as",
+            EXIT_FAILED,
+        )
+    except (OSError, ValueError) as e:
+        return _fail(str(e), EXIT_FAILED)
+    print(f"route cache flush sent to mailgate (pid {pid})")
+    return EXIT_OK
+
+
+def _read_pid(pid_file: Path) -> int:
+    try:
+        with pid_file.open("rb") as f:
+            text = f.read(MAX_PID_FILE + 1).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise OSError(f"{pid_file}: cannot read: {e.strerror}") from None
+    if not text.isdigit() or len(text) > MAX_PID_FILE or int(text) <= 1:
+        raise ValueError(f"{pid_file}: does not hold a process id")
+    return int(text)
+
+
+def _check_is_mailgate(pid: int) -> None:
+    """Raise ProcessLookupError if `pid` is gone, ValueError if it runs something else.
+
+    Where there is no /proc (not Linux), only the signal itself can tell that the pid is gone.
+    """
+    if not Path("/proc/self/cmdline").exists():
+        return
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    except OSError:
+        return  # e.g. hidepid: let the signal decide
+    names = {Path(os.fsdecode(a)).name for a in argv}
+    if "serve" not in names or not names & {"mailgate", "mailgate.__main__"}:
+        raise ValueError(
+            f"process {pid} is not `mailgate serve` (a stale pid file?); not signalled"
+        )
 
 
 # --- mailstores -------------------------------------------------------------------------------

@@ -220,6 +220,9 @@ def bind_all(settings: Settings, *, reuse_port: bool) -> list[socket.socket]:
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     preflight(settings)
+    # A cache flush (SIGUSR1) may come as soon as the pid file exists, before the workers'
+    # handlers are in place: it must never kill us (SIGUSR1's default action).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if settings.metrics_listen:
         metrics.serve(settings.metrics_listen)
     if settings.pid_file is not None:
@@ -296,8 +299,9 @@ def _fork_worker(settings: Settings, ports: list[int]) -> int:
         return pid
     code = 0
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until Worker.run handles it
         sockets = [
             bind(lst, port, reuse_port=True)
             for lst, port in zip(settings.listeners, ports, strict=True)

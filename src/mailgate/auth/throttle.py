@@ -218,6 +218,12 @@ class Throttled:
         self._fallback = MemoryFailureStore(settings.window, clock=clock)
         self._degraded = False
 
+    def flush(self) -> None:
+        """Pass a cache flush (SIGUSR1) on to the wrapped authenticator; the counters stay."""
+        flush = getattr(self._inner, "flush", None)
+        if callable(flush):
+            flush()
+
     async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision:
         # SMTP relay without AUTH guesses no password: the envelope decides, nothing to count.
         if not self._settings.enabled or creds.method is Method.NONE:

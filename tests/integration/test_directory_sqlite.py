@@ -196,6 +196,37 @@ class DirectoryBehaviour:
 
         run(scenario())
 
+    def test_smtp_relay_goes_to_the_recipient_domains_mailstore(self, db_url: str) -> None:
+        """Port 25 without AUTH: nginx's Auth-Method none, decided by RCPT TO's domain."""
+
+        async def relay(e: Env, rcpt: str) -> Decision:
+            creds = Credentials(
+                Method.NONE,
+                "",
+                Secret(""),
+                smtp_helo="mx.sender.example",
+                smtp_from="MAIL FROM:<someone@sender.example>",
+                smtp_to=rcpt,
+            )
+            return await e.directory.authenticate(creds, ClientInfo("192.0.2.7", 50123, "smtp"))
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                r = route(await relay(e, "RCPT TO:<Bob@EXAMPLE.org> NOTIFY=NEVER"))
+                assert (r.host, r.port, r.user, r.secret.reveal()) == ("10.0.0.6", 25, "", "")
+                r = route(await relay(e, "RCPT TO:<anyone@example.com>"))  # unknown users too:
+                assert (r.host, r.port) == ("10.0.0.5", 2525)  # the mailstore says who exists
+                denied = Reject("Relay access denied", error_code="554 5.7.1")
+                assert await relay(e, "RCPT TO:<victim@elsewhere.example>") == denied
+                bad = await relay(e, "RCPT TO:<not an address>")
+                assert isinstance(bad, Reject) and bad.error_code == "501 5.1.3"
+                await sql(db_url, "UPDATE domains SET active = :f WHERE name = 'example.com'",
+                          f=False)  # fmt: skip
+                assert await relay(e, "RCPT TO:<anyone@example.com>") == denied
+
+        run(scenario())
+
     def test_cram_md5_and_apop_with_a_cleartext_password_pass_it_to_the_backend(
         self, db_url: str
     ) -> None:
@@ -397,11 +428,12 @@ class DirectoryBehaviour:
             assert value.split("}")[1] not in caplog.text
         assert "typed-password" not in caplog.text
 
-    def test_method_none_is_not_for_the_directory(self, db_url: str) -> None:
+    def test_method_none_without_a_recipient_is_refused(self, db_url: str) -> None:
         async def scenario() -> None:
             await populate(db_url)
             async with env(db_url) as e:
-                assert await e.auth("alice@example.com", ALICE_PW, Method.NONE, "smtp") == FAILED
+                refused = await e.auth("alice@example.com", ALICE_PW, Method.NONE, "smtp")
+                assert isinstance(refused, Reject) and refused.error_code == "501 5.1.3"
 
         run(scenario())
 

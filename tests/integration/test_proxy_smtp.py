@@ -7,6 +7,7 @@ duplicate or a lost message fails a test. The runs against real Postfix are in t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -15,6 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -501,3 +503,46 @@ def test_early_talker_gets_554_and_is_closed() -> None:
         client.login(ALICE, PASSWORD)
         client.quit()
     assert len(auth.requests) == 1
+
+
+def test_relay_with_the_builtin_directory_delivers_to_the_domains_mailstore(
+    tmp_path: Path,
+) -> None:
+    """Port 25 on mailgate's own directory: mail for a hosted domain reaches its mailstore;
+    mail for anywhere else is refused as relaying."""
+    from mailgate import admin
+    from mailgate.auth.schema import dispose, make_engine
+
+    with running_smtp_backend(SmtpBackend()) as backend:
+        url = f"sqlite:///{tmp_path / 'directory.db'}"
+
+        async def populate() -> None:
+            engine = make_engine(url, 1)
+            try:
+                await admin.init_schema(engine)
+                await admin.add_mailstore(engine, "mx1", "127.0.0.1", smtp_port=backend.port)
+                await admin.add_domain(engine, "example.com", "mx1")
+            finally:
+                await dispose(engine)
+
+        asyncio.run(populate())
+        cfg = {
+            "hostname": "mx.mailgate.test",
+            "listener": [listener("smtp", auth=["none"])],
+            "directory": {"url": url},
+            "backend": {"connect_timeout": 1.0, "login_timeout": LOGIN_TIMEOUT},
+        }
+        with running_proxy(cfg) as proxy:
+            client = smtplib.SMTP("127.0.0.1", proxy.port("smtp"), timeout=10)
+            client.ehlo(HELO)
+            # The first recipient decides (as nginx asks auth_http once, after the first
+            # RCPT TO); once relayed, the mailstore itself judges further recipients.
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                client.sendmail(SENDER, ["victim@elsewhere.example"], b"Subject: t\r\n\r\nx\r\n")
+            assert refused.value.recipients == {
+                "victim@elsewhere.example": (554, b"5.7.1 Relay access denied")
+            }
+            assert client.sendmail(SENDER, [ALICE], b"Subject: t\r\n\r\nhi\r\n") == {}
+            client.quit()
+    assert [(d.mail_from, d.rcpt_tos) for d in backend.deliveries] == [(SENDER, [ALICE])]
+    assert backend.deliveries[0].xclient["ADDR"] == "127.0.0.1"

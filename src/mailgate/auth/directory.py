@@ -20,9 +20,9 @@ import dataclasses
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -72,6 +72,20 @@ _TAGGED = re.compile(r"^(\{[A-Za-z0-9._-]+\}|\$[A-Za-z0-9-]+\$)")
 _FALSE = frozenset({"0", "n", "no", "f", "false", "off", ""})
 # Stands in for an unknown user's stored password so CRAM-MD5/APOP do the same work.
 _DUMMY_CLEAR = "{PLAIN}" + secrets.token_hex(16)
+
+
+# Relay refusals, as Postfix words them (RFC 3463): not ours to relay / not an address.
+RELAY_DENIED = "554 5.7.1"
+BAD_RECIPIENT = "501 5.1.3"
+_RCPT = re.compile(r"^RCPT TO:\s*<([^<>]*)>", re.IGNORECASE)
+
+T = TypeVar("T")
+
+
+def _recipient(rcpt_line: str) -> str | None:
+    """The address in a whole "RCPT TO:<a@b> ..." line, as nginx passes it in Auth-SMTP-To."""
+    m = _RCPT.match(rcpt_line)
+    return m.group(1) if m else None
 
 
 class BadUserName(ValueError):
@@ -145,6 +159,7 @@ class SqlDirectory:
         # Not in DirectorySettings yet; an existing schema usually stores clear text.
         self._default_scheme = settings.default_scheme
         self._builtin = schema.builtin_login_query()
+        self._domain = schema.builtin_domain_query()
         self._engine: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Future[Any]] = set()
@@ -175,6 +190,8 @@ class SqlDirectory:
 
     async def explain(self, creds: Credentials, client: ClientInfo) -> Verdict:
         """The decision and its reason (`authenticate` logs it; `auth test` prints it)."""
+        if creds.method is Method.NONE:  # SMTP relay: no user, the recipient decides
+            return await self._relay(creds)
         try:
             user, _ = normalise_user(creds.user, lower_local=self._custom is None)
         except BadUserName as e:
@@ -183,6 +200,8 @@ class SqlDirectory:
         return dataclasses.replace(verdict, user=user)
 
     async def _explain(self, user: str, creds: Credentials, client: ClientInfo) -> Verdict:
+        if creds.method is Method.NONE:
+            return await self._relay(creds)
         if creds.method not in _CHECKS:
             return Verdict(Reject(), f"method {creds.method.value} is not for the directory")
         if not creds.secret:
@@ -242,6 +261,44 @@ class SqlDirectory:
         # DEBUG: the session already logs one line per login; refusals are worth a line more.
         return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
 
+    async def _relay(self, creds: Credentials) -> Verdict:
+        """SMTP without AUTH (port 25): accept mail for the domains we host, to the domain's
+        mailstore; refuse relaying anywhere else."""
+        recipient = _recipient(creds.smtp_to or "") or ""
+        try:
+            if "@" not in recipient:
+                raise BadUserName("no domain")
+            user, domain = normalise_user(recipient, lower_local=self._custom is None)
+        except BadUserName:
+            return Verdict(Reject("Bad recipient address", error_code=BAD_RECIPIENT), "bad RCPT")
+        params = {"user": user, "domain": domain, "protocol": "smtp"}
+        try:
+            host, port, tls, mailstore = await self._guarded(self._query_domain, params)
+        except DirectoryUnavailable as e:
+            reason = f"directory unavailable: {e}"
+            return Verdict(TempFail(reason), reason, user=user, level=logging.WARNING)
+        if host is None or port is None:
+            reject = Reject("Relay access denied", error_code=RELAY_DENIED)
+            return Verdict(reject, f"relay to {domain} refused: not a hosted domain", user=user)
+        route = Route(host, port, "", Secret(""), tls, mailstore)
+        return Verdict(route, f"relay ok: {host}:{port}", user=user, level=logging.DEBUG)
+
+    async def _query_domain(
+        self, engine: AsyncEngine, params: dict[str, str]
+    ) -> tuple[str | None, int | None, BackendTLS | None, str | None]:
+        async with engine.connect() as conn:
+            if self._custom is not None:
+                q = self._custom.route
+                row = (await conn.execute(q.clause, q.params(params))).mappings().first()
+                host, port, problem = self._custom_route(row, "smtp")
+                return (None, None, None, None) if problem else (host, port, None, host)
+            row = (await conn.execute(self._domain, params)).mappings().first()
+        if row is None or not row["domain_active"] or not row["ms_active"]:
+            return None, None, None, None
+        port = row["ms_smtp_port"] or self.settings.ports.get("smtp")
+        tls = BackendTLS(row["ms_tls"]) if row["ms_tls"] else None
+        return row["ms_host"], port, tls, row["ms_name"]
+
     # --- the lookup ------------------------------------------------------------------------------
 
     async def lookup(self, user: str, protocol: str) -> UserRecord | None:
@@ -251,11 +308,19 @@ class SqlDirectory:
         except BadUserName:
             return None
         params = {"user": user, "domain": domain, "protocol": protocol}
+        return await self._guarded(self._query, params)
+
+    async def _guarded(
+        self,
+        query: Callable[[AsyncEngine, dict[str, str]], Coroutine[Any, Any, T]],
+        params: dict[str, str],
+    ) -> T:
+        """Run one query under query_timeout; any failure is DirectoryUnavailable."""
         engine = self._current_engine()
         # The query runs in its own task so that giving up on it is instant: cancelling a
         # query can wait on the driver (a SQLite busy handler, a socket to a frozen server),
         # and that clean-up must not hold the client. It finishes in the background.
-        task = asyncio.ensure_future(self._query(engine, params))
+        task = asyncio.ensure_future(query(engine, params))
         try:
             done, _ = await asyncio.wait((task,), timeout=self.settings.query_timeout)
         except asyncio.CancelledError:  # the client went away: the pool is fine

@@ -253,6 +253,26 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
     )
 
 
+def builtin_domain_query() -> Select[tuple[object, ...]]:
+    """A domain's mailstore, for SMTP relay ("auth none"): mail to a domain we host goes to
+    its mailstore's SMTP port, whoever sends it."""
+    ms = mailstores
+    return (
+        select(
+            domains.c.active.label("domain_active"),
+            ms.c.name.label("ms_name"),
+            ms.c.host.label("ms_host"),
+            ms.c.smtp_port.label("ms_smtp_port"),
+            ms.c.tls.label("ms_tls"),
+            ms.c.active.label("ms_active"),
+        )
+        .select_from(domains)
+        .join(ms, ms.c.id == domains.c.mailstore_id)
+        .where(domains.c.name == bindparam("domain"))
+        .limit(1)
+    )
+
+
 def custom_query(sql: str, key: str) -> BoundQuery:
     """An operator's query as a bound statement; `key` names it in errors (config path).
 

@@ -87,6 +87,10 @@ class TlsSettings:
     ciphers: str | None = None  # None: OpenSSL's defaults, which are safe for 1.2 and 1.3
     sni: tuple[SniCertificate, ...] = ()
     handshake_timeout: float = 10.0
+    # nginx's ssl_verify_client / ssl_client_certificate: ask clients for a certificate
+    # signed by this CA ("optional": a client without one still gets in; "on": it does not).
+    verify_client: str = "off"
+    client_certificate: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +282,11 @@ def _tls(t: _Table) -> TlsSettings:
         ciphers=t.get("ciphers", str, None),
         sni=sni,
         handshake_timeout=t.timeout("handshake_timeout", 10.0),
+        verify_client=t.choice("verify_client", ("off", "optional", "on"), "off"),
+        client_certificate=t.path("client_certificate"),
     )
+    if settings.verify_client != "off" and settings.client_certificate is None:
+        raise ConfigError("tls.verify_client: needs tls.client_certificate (the CA to trust)")
     t.check_unknown()
     return settings
 

@@ -27,6 +27,15 @@ def _server_base(settings: TlsSettings) -> ssl.SSLContext:
     # No renegotiation (a DoS lever), no compression (CRIME), server picks the cipher.
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    if settings.verify_client != "off" and settings.client_certificate is not None:
+        ca = settings.client_certificate
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"tls.client_certificate: cannot load {ca}: {reason}") from None
+        required = settings.verify_client == "on"
+        ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
     return ctx
 
 
@@ -95,5 +104,28 @@ def tls_info(transport: asyncio.BaseTransport) -> TlsInfo | None:
     )
 
 
+# RFC 4514 short names, as nginx's $ssl_client_s_dn spells them.
+_SHORT = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "domainComponent": "DC",
+    "streetAddress": "STREET",
+    "userId": "UID",
+}
+
+
 def _dn(rdns: Any) -> str:
-    return ",".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+    """A distinguished name in RFC 4514 form, most specific first (CN=alice,O=Example)."""
+    return ",".join(
+        f"{_SHORT.get(k, k)}={_escape_dn(v)}" for rdn in reversed(rdns) for k, v in rdn
+    )
+
+
+def _escape_dn(value: str) -> str:
+    for c in '\\,+"<>;=':
+        value = value.replace(c, "\\" + c)
+    return value

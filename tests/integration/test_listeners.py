@@ -83,3 +83,44 @@ def test_sni_chooses_the_certificate(tmp_path: Path) -> None:
                 pytest.raises(ssl.SSLCertVerificationError),
             ):
                 client_ctx.wrap_socket(raw, server_hostname="mail.example.net")
+
+
+def test_client_certificates_reach_the_auth_service(tmp_path: Path) -> None:
+    """nginx's ssl_verify_client + auth_http_pass_client_cert: the auth service sees who the
+    certificate says the client is."""
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    server = server_ca.issue_cert("localhost", "127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    client_ca.cert_pem.write_to_path(str(tmp_path / "client-ca.pem"))
+    alice = client_ca.issue_cert("alice@example.com", common_name="alice")
+    with running_auth(FakeAuth(route_to(1))) as auth:
+        cfg = {
+            "listener": [{"protocol": "imap", "listen": "127.0.0.1:0", "tls": "implicit"}],
+            "auth_http": {"url": auth.url, "pass_client_cert": True},
+            "tls": {
+                "certificate": str(tmp_path / "cert.pem"),
+                "certificate_key": str(tmp_path / "key.pem"),
+                "verify_client": "optional",
+                "client_certificate": str(tmp_path / "client-ca.pem"),
+            },
+        }
+        with running_proxy(cfg) as proxy:
+            for with_cert in (True, False):
+                ctx = ssl.create_default_context()
+                server_ca.configure_trust(ctx)
+                if with_cert:
+                    alice.configure_cert(ctx)
+                imap = imaplib.IMAP4_SSL(
+                    "127.0.0.1", proxy.port("imap", "implicit"), ssl_context=ctx, timeout=10
+                )
+                with pytest.raises(imaplib.IMAP4.error):  # route_to(1): the backend is down
+                    imap.login("alice", "pw")
+                imap.logout()
+    with_cert, without = auth.requests
+    assert with_cert["Auth-SSL-Verify"] == "SUCCESS"
+    assert with_cert["Auth-SSL-Subject"].startswith("CN=alice,OU=Testing cert")
+    assert with_cert["Auth-SSL-Cert"].startswith("-----BEGIN%20CERTIFICATE-----")
+    assert len(with_cert["Auth-SSL-Fingerprint"]) == 40
+    assert without["Auth-SSL-Verify"] == "NONE"
+    assert "Auth-SSL-Subject" not in without

@@ -120,9 +120,7 @@ _SHORT = {
 
 def _dn(rdns: Any) -> str:
     """A distinguished name in RFC 4514 form, most specific first (CN=alice,O=Example)."""
-    return ",".join(
-        f"{_SHORT.get(k, k)}={_escape_dn(v)}" for rdn in reversed(rdns) for k, v in rdn
-    )
+    return ",".join(f"{_SHORT.get(k, k)}={_escape_dn(v)}" for rdn in reversed(rdns) for k, v in rdn)
 
 
 def _escape_dn(value: str) -> str:

@@ -29,7 +29,7 @@ def tls_ca() -> trustme.CA:
 @pytest.fixture(scope="session")
 def server_cert(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
     """A certificate for SERVER_NAMES signed by `tls_ca`, written to files."""
-    issued = tls_ca.issue_cert(*SERVER_NAMES)
+    issued = tls_ca.issue_cert(*SERVER_NAMES, common_name="localhost")  # fetchmail wants a CN
     directory = tmp_path_factory.mktemp("tls")
     files = CertFiles(directory / "server.pem", directory / "server.key", directory / "ca.pem")
     files.cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))

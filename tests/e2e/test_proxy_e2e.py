@@ -527,3 +527,70 @@ def assert_no_password(mg: MailgateProcess, *extra: str) -> None:
     text = mg.log_text()
     for password in (*(u.password for u in USERS.values()), *extra):
         assert password not in text and escape(password) not in text
+
+
+# --- fetchmail and mbsync ----------------------------------------------------------------------
+
+
+def run_tool(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+        env={**os.environ, "HOME": str(cwd)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("protocol", "name"), [("imap", "alice"), ("pop3", "bob")])
+def test_fetchmail_downloads_from_the_home_store(
+    mailgate: MailgateProcess,
+    auth_service: AuthService,
+    dovecot_stores: DovecotStores,
+    server_cert: tuple[Path, Path, Path],
+    tmp_path: Path,
+    protocol: str,
+    name: str,
+) -> None:
+    require("fetchmail")
+    auth_service.use(protocol)
+    user, out = USERS[name], tmp_path / "delivered.mbox"
+    rc = tmp_path / "fetchmailrc"
+    assert "'" not in user.password  # fetchmailrc takes it single-quoted, without escapes
+    rc.write_text(
+        f"poll 127.0.0.1 service {mailgate.ports[protocol]} protocol {protocol.upper()}\n"
+        f"  user '{user.login}' password '{user.password}'\n"
+        f"  sslproto 'TLS1.2+' sslcertck sslcertfile {server_cert[2]}\n"
+        "  sslcommonname localhost keep fetchall\n"
+        f"  mda \"/bin/sh -c 'cat >> {out}'\"\n"
+    )
+    rc.chmod(0o600)
+    done = run_tool(["fetchmail", "-f", str(rc), "--nosyslog", "-N"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert subject_line(dovecot_stores, user).decode() in out.read_text().splitlines()
+
+
+def test_mbsync_pulls_the_inbox_from_the_home_store(
+    mailgate: MailgateProcess,
+    auth_service: AuthService,
+    dovecot_stores: DovecotStores,
+    server_cert: tuple[Path, Path, Path],
+    tmp_path: Path,
+) -> None:
+    require("mbsync")
+    auth_service.use("imap")
+    local = tmp_path / "Mail"
+    local.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(
+        f"IMAPAccount bob\nHost localhost\nPort {mailgate.ports['imap']}\n"
+        f'User {BOB.login}\nPassCmd "cat {tmp_path / "pass"}"\n'
+        f"SSLType STARTTLS\nCertificateFile {server_cert[2]}\n\n"
+        "IMAPStore bob-remote\nAccount bob\n\n"
+        f"MaildirStore bob-local\nPath {local}/\nInbox {local}/INBOX\n\n"
+        "Channel bob\nFar :bob-remote:\nNear :bob-local:\nPatterns INBOX\n"
+        "Sync Pull\nCreate Near\n"
+    )
+    (tmp_path / "pass").write_text(BOB.password + "\n")
+    done = run_tool(["mbsync", "-c", str(rc), "bob"], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    messages = [p for p in (local / "INBOX").glob("*/*") if p.is_file()]
+    assert len(messages) == 1
+    assert subject_line(dovecot_stores, BOB).decode() in messages[0].read_text().splitlines()

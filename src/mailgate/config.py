@@ -171,6 +171,9 @@ class Settings:
     throttle: ThrottleSettings
     auth_server: AuthServerSettings
     workers: int = 1
+    # Sessions one worker holds at once (nginx: worker_connections); 0 = derived from the
+    # open-file limit at start, each proxied session costing two descriptors.
+    max_sessions: int = 0
     hostname: str = "localhost"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
@@ -218,6 +221,7 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         throttle=_throttle(t.table("throttle")),
         auth_server=_auth_server(t.table("auth_server")),
         workers=_workers(t.get("workers", (int, str), 1)),
+        max_sessions=t.integer("max_sessions", 0),
         hostname=t.get("hostname", str, "localhost"),
         shutdown_timeout=t.timeout("shutdown_timeout", 30.0),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),

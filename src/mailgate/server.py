@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -104,6 +105,8 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
         self.ready = False  # True once every listener accepts
+        self.max_sessions = settings.max_sessions or session_capacity()
+        self.warned_full = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -145,6 +148,16 @@ class Worker:
         await authenticator.close()
 
     def _accept(self, ctx: ListenerContext, chan: Channel) -> None:
+        if len(self.tasks) + len(self.sessions.relays) >= self.max_sessions:
+            # Refuse politely rather than run out of descriptors, which would fail the
+            # backend connections of sessions already logging in.
+            chan.write(ctx.farewell.busy)
+            chan.close()
+            if not self.warned_full:
+                log.warning("max_sessions (%d) reached: refusing new sessions", self.max_sessions)
+            self.warned_full = True
+            return
+        self.warned_full = False
         task = asyncio.get_running_loop().create_task(Session(ctx, chan).run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -167,6 +180,23 @@ class Worker:
                 "shutdown: cut %d relayed sessions after %.0fs", cut, self.settings.shutdown_timeout
             )
             await asyncio.sleep(0.1)  # let the goodbyes flush
+
+
+# Descriptors kept for everything but sessions: listeners, the auth service's pool, the
+# database pool, log files, the event loop's own.
+RESERVED_FDS = 256
+
+
+def session_capacity() -> int:
+    """How many proxied sessions (two descriptors each) the open-file limit allows. The soft
+    limit is raised to the hard one first, as nginx's worker_rlimit_nofile would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(1, (soft - RESERVED_FDS) // 2)
 
 
 def _flush(authenticator: object) -> None:

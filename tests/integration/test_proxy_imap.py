@@ -313,3 +313,24 @@ def test_metrics_count_sessions_and_logins() -> None:
         r'mailgate_sessions_total\{outcome="(backend|client) closed",protocol="imap"\}', text
     )
     assert 'mailgate_relay_bytes_total{direction="out",protocol="imap"}' in text
+
+
+def test_sessions_over_max_sessions_are_refused_politely() -> None:
+    with (
+        running_auth(FakeAuth(route_to(1))) as auth,
+        running_proxy({**base_config(auth.url), "max_sessions": 2}) as proxy,
+    ):
+        port = proxy.port("imap")
+        first, second = raw_session(port), raw_session(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            assert read_until(third, b"\r\n") == (
+                b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
+            )
+            assert read_until(third, b"never") == b""
+        first.sendall(b"a LOGOUT\r\n")
+        assert b"a OK" in read_until(first, b"a OK")
+        first.close()
+        time.sleep(0.2)  # the slot is free once mailgate has seen the close
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as fourth:
+            assert read_until(fourth, b"\r\n").startswith(b"* OK")
+        second.close()

@@ -14,6 +14,7 @@ class Farewell:
     shutdown: bytes  # mailgate is stopping
     backend_lost: bytes  # the backend closed without the protocol's goodbye
     unavailable: bytes  # the session cannot go on (internal error): a temporary failure
+    busy: bytes  # the worker holds max_sessions already: try again later
     # (last bytes from the client, last bytes from the backend) -> the session ended cleanly
     normal_end: Callable[[bytes, bytes], bool]
 
@@ -38,6 +39,7 @@ FAREWELLS = {
         shutdown=b"* BYE Server shutting down.\r\n",
         backend_lost=b"* BYE [UNAVAILABLE] Backend server closed the connection.\r\n",
         unavailable=b"* BYE [UNAVAILABLE] Internal error, try again later.\r\n",
+        busy=b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
         normal_end=_imap_end,
     ),
     "pop3": Farewell(
@@ -45,6 +47,7 @@ FAREWELLS = {
         shutdown=b"-ERR [SYS/TEMP] Server shutting down.\r\n",
         backend_lost=b"-ERR [SYS/TEMP] Backend server closed the connection.\r\n",
         unavailable=b"-ERR [SYS/TEMP] Internal error, try again later.\r\n",
+        busy=b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n",
         normal_end=_pop3_end,
     ),
     "smtp": Farewell(
@@ -52,6 +55,7 @@ FAREWELLS = {
         shutdown=b"421 4.3.2 Server shutting down\r\n",
         backend_lost=b"421 4.4.0 Backend server closed the connection\r\n",
         unavailable=b"421 4.3.0 Internal error, try again later\r\n",
+        busy=b"421 4.7.0 Too many connections, try again later\r\n",
         normal_end=_smtp_end,
     ),
 }

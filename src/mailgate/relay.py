@@ -121,7 +121,8 @@ class Relay:
                 side.connection_lost(None)
             else:
                 side.transport.resume_reading()
-        self._timer = self.loop.call_later(self.idle_timeout, self._check_idle)
+        if not self._done:  # a side may have been closed already, ending the relay
+            self._timer = self.loop.call_later(self.idle_timeout, self._check_idle)
 
     def _check_idle(self) -> None:
         idle = self.loop.time() - self.last_activity

@@ -178,7 +178,7 @@ def test_hashes_are_salted() -> None:
 
 def test_default_scheme_is_argon2id_with_dovecot_compatible_lanes() -> None:
     stored = hash_password(Secret("secret"))
-    assert stored.startswith("{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$")
+    assert stored.startswith("{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$")  # OWASP; one lane
 
 
 def test_bcrypt_reads_72_bytes() -> None:

@@ -48,11 +48,14 @@ CRYPT = ("CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES
 ARGON2 = ("ARGON2I", "ARGON2ID")
 ENCODINGS = {"B64": "b64", "BASE64": "b64", "HEX": "hex"}
 
-# Costs of new hashes. Argon2 as Dovecot 2.3 writes them (p=1: Dovecot verifies with libsodium,
-# which only knows one lane). SHA-crypt rounds: ten times glibc's default of 5000, about the
-# cost of one ARGON2ID check here. bcrypt cost 10: pyca bcrypt's 12 is ~250 ms a login.
+# Costs of new hashes. ARGON2ID: OWASP's recommended m=19 MiB, t=2, p=1 (p=1 because Dovecot
+# verifies with libsodium, which only knows one lane). Dovecot 2.3's own m=64 MiB, t=3 cost
+# 146 ms a check on the 2-core development box, which caps uncached logins at about a dozen
+# a second (bench/directory.py); this costs about a fifth of that, and existing hashes keep
+# their own parameters. SHA-crypt rounds: ten times glibc's default of 5000. bcrypt cost 10:
+# pyca bcrypt's 12 is ~250 ms a login.
 ARGON2_HASHERS = {
-    "ARGON2ID": argon2.PasswordHasher(3, 65536, parallelism=1, type=argon2.Type.ID),
+    "ARGON2ID": argon2.PasswordHasher(2, 19456, parallelism=1, type=argon2.Type.ID),
     "ARGON2I": argon2.PasswordHasher(4, 32768, parallelism=1, type=argon2.Type.I),
 }
 SHA_CRYPT_ROUNDS = 50_000

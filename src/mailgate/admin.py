@@ -45,6 +45,7 @@ class MailstoreInfo:
     active: bool
     domains: int
     users: int  # users moved here (not counting the domains' users)
+    smtp_login: str | None = None  # None: [backend] smtp_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +119,12 @@ async def add_mailstore(
     tls: str = "none",
     master_user: str | None = None,
     master_password: Secret | None = None,
+    smtp_login: str | None = None,
 ) -> None:
     _check_name(name)
     _check_host(host)
+    if smtp_login is not None and smtp_login not in schema.SMTP_LOGINS:
+        raise AdminError(f"smtp login must be one of {', '.join(schema.SMTP_LOGINS)}")
     for port in (imap_port, pop3_port, smtp_port):
         if port is not None and not 0 < port < 65536:
             raise AdminError(f"port {port} is not from 1 to 65535")
@@ -147,6 +151,7 @@ async def add_mailstore(
                 # The backend needs it in clear to log in; the database is the secret store.
                 master_password=master_password.reveal() if master_password else None,
                 active=True,
+                smtp_login=smtp_login,
             )
         )
 
@@ -171,6 +176,7 @@ async def list_mailstores(engine: AsyncEngine) -> list[MailstoreInfo]:
             bool(r["active"]),
             int(r["n_domains"]),
             int(r["n_users"]),
+            r["smtp_login"],
         )
         for r in rows
     ]

@@ -22,7 +22,7 @@ from typing import Any
 from mailgate import admin
 from mailgate.auth.directory import SqlDirectory
 from mailgate.auth.model import ClientInfo, Credentials, Method, Reject, Route, Secret
-from mailgate.auth.schema import TLS_MODES, SchemaError, dispose, make_engine
+from mailgate.auth.schema import SMTP_LOGINS, TLS_MODES, SchemaError, dispose, make_engine
 from mailgate.config import PROTOCOLS, ConfigError, DirectorySettings, Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -77,6 +77,11 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
     p.add_argument("--tls", choices=TLS_MODES, default="none")
     p.add_argument("--master-user", help="log in to this mailstore as user*MASTER (Dovecot)")
     p.add_argument("--master-password-stdin", action="store_true")
+    p.add_argument(
+        "--smtp-login",
+        choices=SMTP_LOGINS,
+        help="hand SMTP sessions over by XCLIENT or AUTH (default: [backend] smtp_mode)",
+    )
     leaf(m, "list", "list mailstores", _mailstore_list)
     for name, run in (("remove", _mailstore_remove), ("enable", _mailstore_enable)):
         leaf(m, name, f"{name} a mailstore", run).add_argument("name")
@@ -322,6 +327,7 @@ async def _mailstore_add(args: argparse.Namespace, s: DirectorySettings) -> int:
             tls=args.tls,
             master_user=args.master_user,
             master_password=master,
+            smtp_login=args.smtp_login,
         ),
     )
     print(f"mailstore {args.name} added")
@@ -331,7 +337,19 @@ async def _mailstore_add(args: argparse.Namespace, s: DirectorySettings) -> int:
 async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int:
     found = await _admin(s, admin.list_mailstores)
     _table(
-        ("NAME", "HOST", "IMAP", "POP3", "SMTP", "TLS", "MASTER", "ACTIVE", "DOMAINS", "MOVED"),
+        (
+            "NAME",
+            "HOST",
+            "IMAP",
+            "POP3",
+            "SMTP",
+            "TLS",
+            "MASTER",
+            "ACTIVE",
+            "DOMAINS",
+            "MOVED",
+            "SMTP-LOGIN",
+        ),
         [
             (
                 m.name,
@@ -344,6 +362,7 @@ async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int
                 _yes(m.active),
                 m.domains,
                 m.users,
+                m.smtp_login,
             )
             for m in found
         ],

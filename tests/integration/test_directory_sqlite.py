@@ -196,6 +196,34 @@ class DirectoryBehaviour:
 
         run(scenario())
 
+    def test_version_1_upgrades_and_mailstores_choose_their_smtp_login(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await wipe(db_url)
+            e = make_engine(db_url, 1)
+            try:
+                await admin.init_schema(e)
+                # A database as version 1 left it: no smtp_login column.
+                await sql(db_url, "ALTER TABLE mailstores DROP COLUMN smtp_login",
+                          "UPDATE mailgate_schema SET version = 1")  # fmt: skip
+                assert await admin.upgrade_schema(e) == (1, 2)
+                assert await admin.upgrade_schema(e) == (2, 2)  # idempotent
+                await admin.add_mailstore(e, "mx", "10.0.0.7", smtp_login="auth")
+                await admin.add_mailstore(e, "plain", "10.0.0.8")
+                with pytest.raises(admin.AdminError, match="smtp login"):
+                    await admin.add_mailstore(e, "bad", "10.0.0.9", smtp_login="lmtp")
+                await admin.add_domain(e, "example.com", "mx")
+                await admin.add_domain(e, "example.org", "plain")
+                await admin.add_user(e, "a@example.com", Secret("pw-a"), scheme="PLAIN")
+                await admin.add_user(e, "b@example.org", Secret("pw-b"), scheme="PLAIN")
+            finally:
+                await dispose(e)
+            async with env(db_url) as e2:
+                a = route(await e2.auth("a@example.com", "pw-a", protocol="smtp"))
+                b = route(await e2.auth("b@example.org", "pw-b", protocol="smtp"))
+            assert (a.smtp_mode, b.smtp_mode) == ("auth", None)
+
+        run(scenario())
+
     def test_smtp_relay_goes_to_the_recipient_domains_mailstore(self, db_url: str) -> None:
         """Port 25 without AUTH: nginx's Auth-Method none, decided by RCPT TO's domain."""
 

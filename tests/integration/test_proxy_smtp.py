@@ -546,3 +546,42 @@ def test_relay_with_the_builtin_directory_delivers_to_the_domains_mailstore(
             client.quit()
     assert [(d.mail_from, d.rcpt_tos) for d in backend.deliveries] == [(SENDER, [ALICE])]
     assert backend.deliveries[0].xclient["ADDR"] == "127.0.0.1"
+
+
+def test_a_mailstores_smtp_login_overrides_the_global_mode(tmp_path: Path) -> None:
+    """[backend] smtp_mode is XCLIENT; a mailstore set to AUTH gets AUTH PLAIN instead."""
+    from mailgate import admin
+    from mailgate.auth.model import Secret
+    from mailgate.auth.schema import dispose, make_engine
+
+    with running_smtp_backend(SmtpBackend(password="alice-pw")) as backend:
+        url = f"sqlite:///{tmp_path / 'directory.db'}"
+
+        async def populate() -> None:
+            engine = make_engine(url, 1)
+            try:
+                await admin.init_schema(engine)
+                await admin.add_mailstore(
+                    engine, "mx1", "127.0.0.1", smtp_port=backend.port, smtp_login="auth"
+                )
+                await admin.add_domain(engine, "example.com", "mx1")
+                await admin.add_user(engine, ALICE, Secret("alice-pw"), scheme="PLAIN")
+            finally:
+                await dispose(engine)
+
+        asyncio.run(populate())
+        cfg = {
+            "hostname": "mx.mailgate.test",
+            "listener": [listener("smtp")],
+            "directory": {"url": url},
+            "backend": {"connect_timeout": 1.0, "login_timeout": LOGIN_TIMEOUT},
+        }
+        with running_proxy(cfg) as proxy:
+            client = smtplib.SMTP("127.0.0.1", proxy.port("smtp"), timeout=10)
+            client.ehlo(HELO)
+            client.login(ALICE, "alice-pw")
+            assert client.sendmail(ALICE, ["bob@example.org"], b"Subject: t\r\n\r\nhi\r\n") == {}
+            client.quit()
+    assert backend.logins == [(ALICE, "alice-pw")]
+    assert "XCLIENT" not in backend.verbs()
+    assert len(backend.deliveries) == 1

@@ -111,6 +111,7 @@ class UserRecord:
     tls: BackendTLS | None = None
     master_user: str | None = None
     master_password: Secret | None = None
+    smtp_mode: str | None = None  # the mailstore's smtp_login
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,9 @@ class SqlDirectory:
             login, secret = record.login, Secret(clear)
         else:
             login, secret = record.login, creds.secret
-        route = Route(record.host, record.port, login, secret, record.tls, record.mailstore)
+        route = Route(
+            record.host, record.port, login, secret, record.tls, record.mailstore, record.smtp_mode
+        )
         # DEBUG: the session already logs one line per login; refusals are worth a line more.
         return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
 
@@ -273,31 +276,31 @@ class SqlDirectory:
             return Verdict(Reject("Bad recipient address", error_code=BAD_RECIPIENT), "bad RCPT")
         params = {"user": user, "domain": domain, "protocol": "smtp"}
         try:
-            host, port, tls, mailstore = await self._guarded(self._query_domain, params)
+            host, port, tls, mailstore, mode = await self._guarded(self._query_domain, params)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, user=user, level=logging.WARNING)
         if host is None or port is None:
             reject = Reject("Relay access denied", error_code=RELAY_DENIED)
             return Verdict(reject, f"relay to {domain} refused: not a hosted domain", user=user)
-        route = Route(host, port, "", Secret(""), tls, mailstore)
+        route = Route(host, port, "", Secret(""), tls, mailstore, mode)
         return Verdict(route, f"relay ok: {host}:{port}", user=user, level=logging.DEBUG)
 
     async def _query_domain(
         self, engine: AsyncEngine, params: dict[str, str]
-    ) -> tuple[str | None, int | None, BackendTLS | None, str | None]:
+    ) -> tuple[str | None, int | None, BackendTLS | None, str | None, str | None]:
         async with engine.connect() as conn:
             if self._custom is not None:
                 q = self._custom.route
                 row = (await conn.execute(q.clause, q.params(params))).mappings().first()
                 host, port, problem = self._custom_route(row, "smtp")
-                return (None, None, None, None) if problem else (host, port, None, host)
+                return (None,) * 5 if problem else (host, port, None, host, None)
             row = (await conn.execute(self._domain, params)).mappings().first()
         if row is None or not row["domain_active"] or not row["ms_active"]:
-            return None, None, None, None
+            return (None,) * 5
         port = row["ms_smtp_port"] or self.settings.ports.get("smtp")
         tls = BackendTLS(row["ms_tls"]) if row["ms_tls"] else None
-        return row["ms_host"], port, tls, row["ms_name"]
+        return row["ms_host"], port, tls, row["ms_name"], row["ms_smtp_login"]
 
     # --- the lookup ------------------------------------------------------------------------------
 
@@ -371,6 +374,7 @@ class SqlDirectory:
             tls=tls,
             master_user=row["ms_master_user"],
             master_password=Secret(master) if master is not None else None,
+            smtp_mode=row["ms_smtp_login"],
         )
 
     async def _lookup_custom(

@@ -116,6 +116,7 @@ class Route:
     secret: Secret
     tls: BackendTLS | None = None  # None: use the [backend] setting
     mailstore: str | None = None  # a name for logs and metrics
+    smtp_mode: str | None = None  # "xclient" | "auth"; None: use the [backend] setting
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,9 @@ mailstores = Table(
     Column("master_user", String(MAX_ADDRESS), nullable=True),
     Column("master_password", String(MAX_PASSWORD), nullable=True),
     Column("active", Boolean, nullable=False, default=True),
+    # Version 2: how to hand an SMTP session to this mailstore ("xclient" or "auth");
+    # NULL: [backend] smtp_mode.
+    Column("smtp_login", String(16), nullable=True),
     CheckConstraint("tls IN ('none', 'starttls', 'implicit')", name="mailstores_tls"),
 )
 
@@ -167,11 +170,20 @@ class SchemaError(Exception):
 
 
 def _v1(conn: Connection) -> None:
+    # Creates the tables as defined above, which already have every later column: the later
+    # steps below add a column only where it is missing (a database made by version 1).
     metadata.create_all(conn, tables=[mailstores, domains, users])
 
 
+def _v2(conn: Connection) -> None:
+    columns = {c["name"] for c in inspect(conn).get_columns(mailstores.name)}
+    if "smtp_login" not in columns:
+        conn.execute(text("ALTER TABLE mailstores ADD COLUMN smtp_login VARCHAR(16) NULL"))
+
+
 # (version, step): each step takes the schema from version - 1 to version. Append only.
-MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1),)
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1), (2, _v2))
+SMTP_LOGINS = ("xclient", "auth")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -244,6 +256,7 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
             ms.c.master_user.label("ms_master_user"),
             ms.c.master_password.label("ms_master_password"),
             ms.c.active.label("ms_active"),
+            ms.c.smtp_login.label("ms_smtp_login"),
         )
         .select_from(users)
         .outerjoin(domains, domains.c.name == bindparam("domain"))
@@ -265,6 +278,7 @@ def builtin_domain_query() -> Select[tuple[object, ...]]:
             ms.c.smtp_port.label("ms_smtp_port"),
             ms.c.tls.label("ms_tls"),
             ms.c.active.label("ms_active"),
+            ms.c.smtp_login.label("ms_smtp_login"),
         )
         .select_from(domains)
         .join(ms, ms.c.id == domains.c.mailstore_id)

@@ -81,7 +81,7 @@ def make_core(
             route.user, route.secret, starttls=starttls, mechanism=opts.pop3_auth, forward=forward
         )
     if protocol == "smtp" and smtp is not None:
-        mode = opts.smtp_mode
+        mode = route.smtp_mode or opts.smtp_mode
         if smtp.relay and mode == "auth":
             mode = "none"  # a relay client has no password to AUTH with
         return SmtpLogin(

@@ -62,16 +62,25 @@ class Channel(asyncio.Protocol):
 
     # --- the driver's side -----------------------------------------------------------------
 
-    async def recv(self) -> bytes:
-        """Everything buffered, or wait for more; b"" at EOF. Wrap calls in asyncio.timeout."""
+    async def recv(self, deadline: float | None = None) -> bytes:
+        """Everything buffered, or wait for more until `deadline` (loop time), then raise
+        TimeoutError; b"" at EOF.
+
+        The deadline is a plain timer on the waiter rather than asyncio.timeout: this runs a
+        few times per login, and the context manager's bookkeeping showed in profiles.
+        """
         while not self._buf:
             if self._eof or self._closed:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         return self.take_buffer()
 
     def take_buffer(self) -> bytes:
@@ -125,3 +134,8 @@ class Channel(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

@@ -9,6 +9,7 @@ session costs no coroutine frame. Exactly one log line is written per session, a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import ssl
@@ -65,6 +66,9 @@ CORES: dict[str, Callable[[PreAuthPolicy, str], Core]] = {
     "pop3": Pop3Core,
     "smtp": SmtpCore,
 }
+# CRAM-MD5 challenges and APOP timestamps must be unique (RFC 2195, RFC 1939): a serial from
+# a random start per process, plus the time and the host name (nginx: pid, msec and host).
+_SALT_SERIAL = itertools.count(secrets.randbits(48))
 # An auth service may ask for a long Auth-Wait; the client is not held longer than this.
 MAX_AUTH_WAIT = 30.0
 
@@ -114,7 +118,7 @@ class Session:
         self.backend = "-"
         self.outcome = "closed"
         self.attempts = 0
-        salt = f"<{secrets.randbelow(1 << 31)}.{int(time.time())}@{ctx.hostname}>"
+        salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         self.core = CORES[ctx.listener.protocol](ctx.policy, salt)
         self.client = _client_info(chan, ctx.listener.protocol)
 
@@ -144,7 +148,7 @@ class Session:
             metrics.ACTIVE_PREAUTH.dec()
             if not relay_started:
                 self.chan.close()
-                metrics.SESSIONS.labels(self.ctx.listener.protocol, self.outcome).inc()
+                metrics.count(metrics.SESSIONS, self.ctx.listener.protocol, self.outcome)
                 _log_session(_RelayRecord(self), self.outcome)
 
     async def _preauth(self, deadline: float) -> bool:
@@ -153,11 +157,8 @@ class Session:
         pending = await self._greeting()
         while True:
             if not pending:
-                async with asyncio.timeout_at(
-                    min(deadline, loop.time() + self.ctx.protocol.client_timeout)
-                ):
-                    data = await self.chan.recv()
-                pending = self.core.receive(data)
+                read_by = min(deadline, loop.time() + self.ctx.protocol.client_timeout)
+                pending = self.core.receive(await self.chan.recv(read_by))
                 continue
             event = pending.pop(0)
             match event:
@@ -212,11 +213,11 @@ class Session:
             case Route():
                 return await self._backend_login(decision, creds)
             case Reject(message=message, wait=wait, error_code=code):
-                metrics.LOGINS.labels(self.ctx.listener.protocol, "rejected").inc()
+                metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "rejected")
                 await asyncio.sleep(min(wait, MAX_AUTH_WAIT))
                 return Rejected(message, code), None
             case TempFail(reason=reason, wait=wait):
-                metrics.LOGINS.labels(self.ctx.listener.protocol, "tempfail").inc()
+                metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "tempfail")
                 log.warning(
                     "auth temporary failure for %s from %s: %s",
                     _safe(creds.user),
@@ -241,7 +242,7 @@ class Session:
         try:
             conn = await login(route, self.ctx.backend, core)
         except BackendError as e:
-            metrics.LOGINS.labels(self.ctx.listener.protocol, "backend_error").inc()
+            metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "backend_error")
             log.warning(
                 "backend login failed for %s from %s: %s",
                 _safe(self.user),
@@ -251,7 +252,7 @@ class Session:
             # An SMTP backend refusing a relayed recipient has the last word, code and all.
             refusal = core.envelope_rejection() if isinstance(core, SmtpLogin) else None
             return refusal or Unavailable(), None
-        metrics.LOGINS.labels(self.ctx.listener.protocol, "ok").inc()
+        metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "ok")
         return LoggedIn(conn.reply), conn
 
     def _start_relay(self, backend: BackendConnection) -> None:
@@ -288,9 +289,9 @@ class _RelayRecord:
     def done(self, relay: Relay) -> None:
         self.sessions.relays.discard(relay)
         metrics.ACTIVE_RELAY.dec()
-        metrics.SESSIONS.labels(self.protocol, relay.ended).inc()
-        metrics.BYTES.labels(self.protocol, "in").inc(relay.bytes_in)
-        metrics.BYTES.labels(self.protocol, "out").inc(relay.bytes_out)
+        metrics.count(metrics.SESSIONS, self.protocol, relay.ended)
+        metrics.count(metrics.BYTES, self.protocol, "in", amount=relay.bytes_in)
+        metrics.count(metrics.BYTES, self.protocol, "out", amount=relay.bytes_out)
         _log_session(self, relay.ended, relay)
 
 

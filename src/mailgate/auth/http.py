@@ -176,6 +176,7 @@ def build_request_headers(
 # --- the answer --------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1024)  # a handful of mailstores answer every login: parse each once
 def _valid_host(value: str) -> str | None:
     """An IP address or a host name (nginx itself accepts only addresses)."""
     bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value

@@ -118,8 +118,8 @@ async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendC
     except (OSError, ssl.SSLError) as e:
         raise BackendError(f"connect to {where} failed: {e}", temporary=True) from None
     try:
-        async with asyncio.timeout(opts.login_timeout):
-            return await _drive(channel, core, opts, server_name)
+        deadline = loop.time() + opts.login_timeout
+        return await _drive(channel, core, opts, server_name, deadline)
     except TimeoutError:
         channel.abort()
         raise BackendError(f"login at {where} timed out", temporary=True) from None
@@ -135,12 +135,12 @@ async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendC
 
 
 async def _drive(
-    channel: Channel, core: LoginCore, opts: BackendOptions, server_name: str
+    channel: Channel, core: LoginCore, opts: BackendOptions, server_name: str, deadline: float
 ) -> BackendConnection:
     pending: list[BackendEvent] = []
     while True:
         if not pending:
-            pending = core.receive(await channel.recv())
+            pending = core.receive(await channel.recv(deadline))
             continue
         match pending.pop(0):
             case Send(data=out):
@@ -150,7 +150,7 @@ async def _drive(
                     opts.tls_context,
                     server_side=False,
                     server_hostname=server_name,
-                    timeout=opts.login_timeout,
+                    timeout=max(0.001, deadline - asyncio.get_running_loop().time()),
                 )
                 pending = core.tls_started()  # the core discards anything after its STARTTLS
             case BackendReady(reply=reply, trailing=trailing):

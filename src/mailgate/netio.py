@@ -74,7 +74,7 @@ class Channel(asyncio.Protocol):
                 return b""
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+            timer = None if deadline is None else loop.call_at(deadline, expire_waiter, waiter)
             try:
                 await waiter
             finally:
@@ -136,6 +136,7 @@ class Channel(asyncio.Protocol):
             self.transport.abort()
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def expire_waiter(waiter: asyncio.Future[None]) -> None:
+    """A deadline passed: the waiter raises TimeoutError (unless it was answered already)."""
     if not waiter.done():
         waiter.set_exception(TimeoutError())

@@ -32,6 +32,11 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+def soon() -> float:
+    """A deadline (loop time) no answer here should get near."""
+    return asyncio.get_running_loop().time() + 10
+
+
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
 
@@ -49,7 +54,7 @@ def test_connections_are_reused() -> None:
         server, url, connections = await serve(answer_forever)
         pool = HttpPool(url, limit=4, keepalive=15)
         for _ in range(5):
-            answer = await pool.get([("Host", "127.0.0.1")])
+            answer = await pool.get([("Host", "127.0.0.1")], soon())
             assert (answer.status, answer.headers["auth-status"]) == (200, "OK")
         assert len(connections) == 1
         await pool.close()
@@ -67,9 +72,9 @@ def test_a_connection_the_server_closed_is_retried_once_fresh() -> None:
     async def go() -> None:
         server, url, connections = await serve(answer_once)
         pool = HttpPool(url, limit=4, keepalive=15)
-        await pool.get([("Host", "x")])
+        await pool.get([("Host", "x")], soon())
         await asyncio.sleep(0.1)  # the server has closed the pooled connection
-        assert (await pool.get([("Host", "x")])).status == 200
+        assert (await pool.get([("Host", "x")], soon())).status == 200
         assert len(connections) == 2
         await pool.close()
         server.close()
@@ -102,7 +107,7 @@ def test_connections_are_dropped_when_reuse_is_unsafe(answer: bytes, reused: boo
         server, url, connections = await serve(handler)
         pool = HttpPool(url, limit=4, keepalive=15)
         for _ in range(2):
-            assert (await pool.get([("Host", "x")])).headers["auth-status"] == "OK"
+            assert (await pool.get([("Host", "x")], soon())).headers["auth-status"] == "OK"
         assert len(connections) == (1 if reused else 2)
         await pool.close()
         server.close()
@@ -131,7 +136,7 @@ def test_malformed_answers_are_errors_that_quote_nothing(answer: bytes) -> None:
         server, url, _ = await serve(handler)
         pool = HttpPool(url, limit=4, keepalive=15)
         with pytest.raises(HttpError) as raised:
-            await pool.get([("Host", "x")])
+            await pool.get([("Host", "x")], soon())
         assert "hunter2" not in str(raised.value)
         await pool.close()
         server.close()

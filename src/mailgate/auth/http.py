@@ -281,8 +281,8 @@ class AuthHttpClient:
 
     async def _ask(self, creds: Credentials, client: ClientInfo) -> Decision:
         headers = build_request_headers(creds, client, self._settings)
-        async with asyncio.timeout(self._settings.timeout):
-            answer = await self._get_pool().get(headers)
+        deadline = asyncio.get_running_loop().time() + self._settings.timeout
+        answer = await self._get_pool().get(headers, deadline)
         return parse_response(answer.status, answer.headers, creds)
 
     async def close(self) -> None:

@@ -19,6 +19,8 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from mailgate.netio import expire_waiter
+
 # nginx reads the whole answer into one 1 KiB buffer. We allow 4 KiB per header line so a
 # long Auth-Pass still fits (sasl.MAX_FIELD is 1 KiB, and escaping can triple it).
 MAX_HEADER_LINE = 4096
@@ -73,16 +75,19 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _more(self) -> None:
+    async def _more(self, deadline: float) -> None:
         if self.lost:
             raise ConnectionResetError("auth_http server closed the connection")
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(deadline, expire_waiter, waiter)  # cheaper than asyncio.timeout here
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+            timer.cancel()
 
-    async def exchange(self, request: bytes) -> tuple[Answer, bool]:
+    async def exchange(self, request: bytes, deadline: float) -> tuple[Answer, bool]:
         """Send one request; return the answer and whether the connection can be reused."""
         assert self.transport is not None
         self._buf.clear()
@@ -90,7 +95,7 @@ class _Connection(asyncio.Protocol):
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
             if len(self._buf) > MAX_HEAD:
                 raise HttpError("auth_http answer head too large")
-            await self._more()
+            await self._more(deadline)
         answer, version = _parse_head(bytes(self._buf[:end]))
         del self._buf[: end + 4]
         reusable = _keep_alive(version, answer.headers)
@@ -98,7 +103,7 @@ class _Connection(asyncio.Protocol):
         if length is None or length > MAX_BODY:
             return answer, False  # an unknown or large body is not read: drop the connection
         while len(self._buf) < length:
-            await self._more()
+            await self._more(deadline)
         return answer, reusable and len(self._buf) == length
 
 
@@ -151,20 +156,30 @@ class HttpPool:
         self._idle: list[_Connection] = []
         self._closed = False
 
-    async def get(self, headers: list[tuple[str, str]]) -> Answer:
-        """GET the URL with these headers (Host included). Wrap calls in asyncio.timeout."""
+    async def get(self, headers: list[tuple[str, str]], deadline: float) -> Answer:
+        """GET the URL with these headers (Host included); TimeoutError past `deadline`
+        (loop time)."""
         lines = [f"GET {self.target} HTTP/1.1\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         lines.append("\r\n")
         request = "".join(lines).encode("utf-8", "surrogateescape")
-        async with self._slots:
+        if self._slots.locked():  # every connection busy: wait for one, but not forever
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
+        try:
             conn = self._pooled()
             if conn is not None:
                 try:
-                    return await self._exchange(conn, request)
+                    return await self._exchange(conn, request, deadline)
                 except ConnectionError:
                     pass  # the server closed an idle connection: one retry, fresh
-            return await self._exchange(await self._connect(), request)
+            async with asyncio.timeout_at(deadline):
+                conn = await self._connect()
+            return await self._exchange(conn, request, deadline)
+        finally:
+            self._slots.release()
 
     def _pooled(self) -> _Connection | None:
         loop_time = asyncio.get_running_loop().time()
@@ -181,10 +196,10 @@ class HttpPool:
         _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
         return conn
 
-    async def _exchange(self, conn: _Connection, request: bytes) -> Answer:
+    async def _exchange(self, conn: _Connection, request: bytes, deadline: float) -> Answer:
         reusable = False
         try:
-            answer, reusable = await conn.exchange(request)
+            answer, reusable = await conn.exchange(request, deadline)
             return answer
         finally:  # on errors, timeouts and cancellation alike, a half-used connection goes
             if reusable and not conn.lost and not self._closed:

@@ -13,6 +13,7 @@ import ast
 import base64
 import inspect
 
+import backend_script
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,49 +37,7 @@ OK_REPLY = b"OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in"
 
 
 def run(core, script, mode):
-    """Drive `core` through `script`; return (final event, bytes the core never saw)."""
-    sent = bytearray()
-    tls_asked = False
-    final = None
-    leftover = b""
-
-    def absorb(events):
-        nonlocal tls_asked, final
-        for event in events:
-            assert final is None, f"event after the verdict: {event!r}"
-            if isinstance(event, Send):
-                sent.extend(event.data)
-            elif isinstance(event, StartTLS):
-                tls_asked = True
-            else:
-                assert isinstance(event, BackendReady | BackendFailed)
-                final = event
-
-    for index, (kind, *args) in enumerate(script):
-        if kind == "S":
-            data = args[0]
-            if mode == "trailing" and index == len(script) - 1:
-                data += EXTRA
-            pieces = [data[i : i + 1] for i in range(len(data))] if mode == "bytes" else [data]
-            for at, piece in enumerate(pieces):
-                if final is not None:  # a real driver stops feeding here: the rest is the relay's
-                    leftover += b"".join(pieces[at:])
-                    break
-                absorb(core.receive(piece))
-        elif kind == "C":
-            assert bytes(sent) == args[0]
-            sent.clear()
-        elif kind == "TLS":
-            assert tls_asked and not sent
-            tls_asked = False
-            absorb(core.tls_started())
-        elif kind == "EOF":  # also during a TLS handshake the driver never finished
-            tls_asked = False
-            absorb(core.receive(b""))
-    assert not sent, f"unchecked bytes sent: {bytes(sent)!r}"
-    assert not tls_asked
-    assert final is not None, "no verdict"
-    return final, leftover
+    return backend_script.run(core, script, mode, EXTRA)
 
 
 def ready(core, script, mode, reply=OK_REPLY, trailing=b""):

@@ -223,6 +223,18 @@ def _thread_loop() -> Iterator[asyncio.AbstractEventLoop]:
         loop.close()
 
 
+def read_until(sock: socket.socket, marker: bytes, limit: float = 10.0) -> bytes:
+    """Read until `marker` arrives, the peer closes, or `limit` seconds pass."""
+    data = b""
+    deadline = time.monotonic() + limit
+    while marker not in data and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

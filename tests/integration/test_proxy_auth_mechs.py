@@ -9,7 +9,6 @@ import hmac
 import imaplib
 import re
 import socket
-import time
 
 import pytest
 
@@ -17,6 +16,7 @@ from harness import (
     FakeAuth,
     imap_backend,
     listener,
+    read_until,
     route_to,
     running_auth,
     running_backend,
@@ -45,17 +45,6 @@ def raw_session(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     read_until(sock, b"\r\n")  # greeting
     return sock
-
-
-def read_until(sock: socket.socket, marker: bytes, limit: float = 10.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + limit
-    while marker not in data and time.monotonic() < deadline:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def backend_login(lines: list[bytes]) -> bytes:

@@ -22,6 +22,7 @@ from harness import (
     free_port,
     imap_backend,
     listener,
+    read_until,
     route_to,
     running_auth,
     running_backend,
@@ -48,17 +49,6 @@ def raw_session(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.makefile("rb").readline()  # greeting
     return sock
-
-
-def read_until(sock: socket.socket, marker: bytes, limit: float = 10.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + limit
-    while marker not in data and time.monotonic() < deadline:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_login_is_relayed_to_the_routed_backend(caplog: pytest.LogCaptureFixture) -> None:

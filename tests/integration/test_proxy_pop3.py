@@ -13,7 +13,6 @@ import poplib
 import re
 import socket
 import ssl
-import time
 
 import pytest
 
@@ -23,6 +22,7 @@ from harness import (
     free_port,
     listener,
     pop3_backend,
+    read_until,
     route_to,
     running_auth,
     running_backend,
@@ -49,17 +49,6 @@ def client(port: int) -> poplib.POP3:
 def raw_session(port: int) -> tuple[socket.socket, bytes]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     return sock, read_until(sock, b"\r\n")
-
-
-def read_until(sock: socket.socket, marker: bytes, limit: float = 10.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + limit
-    while marker not in data and time.monotonic() < deadline:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_user_pass_is_relayed_to_the_routed_backend(caplog: pytest.LogCaptureFixture) -> None:

@@ -28,18 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
 
 from mailgate import admin  # noqa: E402
+from mailgate.auth import Authenticator  # noqa: E402
 from mailgate.auth.cache import Cached  # noqa: E402
 from mailgate.auth.directory import SqlDirectory  # noqa: E402
-from mailgate.auth.model import (  # noqa: E402
-    Authenticator,
-    ClientInfo,
-    Credentials,
-    Method,
-    Route,
-    Secret,
-)
 from mailgate.auth.schema import dispose, make_engine  # noqa: E402
 from mailgate.config import DirectorySettings  # noqa: E402
+from mailgate.values import ClientInfo, Credentials, Method, Route, Secret  # noqa: E402
 
 CLIENT = ClientInfo("192.0.2.1", 40000, "imap")
 # Argon2 costs tens of milliseconds a check: a few hundred such users are plenty.

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mailgate.auth import passwords, schema
 from mailgate.auth.directory import BadUserName, normalise_user, scheme_of
-from mailgate.auth.model import Secret
 from mailgate.auth.schema import domains, mailstores, users
+from mailgate.values import Secret
 
 DEFAULT_SCHEME = "ARGON2ID"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

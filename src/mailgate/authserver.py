@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from mailgate.auth.model import (
-    Authenticator,
+from mailgate.auth import Authenticator
+from mailgate.protocols.sasl import MAX_FIELD
+from mailgate.values import (
     ClientInfo,
     Credentials,
     Decision,
@@ -39,7 +40,6 @@ from mailgate.auth.model import (
     TempFail,
     TlsInfo,
 )
-from mailgate.protocols.sasl import MAX_FIELD
 
 if TYPE_CHECKING:
     from mailgate.config import AuthServerSettings, Settings

@@ -21,9 +21,9 @@ from typing import Any
 
 from mailgate import admin
 from mailgate.auth.directory import SqlDirectory
-from mailgate.auth.model import ClientInfo, Credentials, Method, Reject, Route, Secret
 from mailgate.auth.schema import SMTP_LOGINS, TLS_MODES, SchemaError, dispose, make_engine
 from mailgate.config import PROTOCOLS, ConfigError, DirectorySettings, Settings
+from mailgate.values import ClientInfo, Credentials, Method, Reject, Route, Secret
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # One line of standard input: far above any password (sasl.MAX_FIELD is 1 KiB).

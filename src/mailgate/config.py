@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailgate.auth.http import AuthHttpSettings
-from mailgate.auth.model import BackendTLS, Secret
+from mailgate.values import BackendTLS, Secret
 
 PROTOCOLS = ("imap", "pop3", "smtp")
 # Default ports of the protocols, used when a route names no port (the seed's table).
@@ -105,6 +104,14 @@ class BackendSettings:
     smtp_mode: str = "xclient"  # "xclient" | "auth"
     connect_timeout: float = 5.0
     login_timeout: float = 10.0  # greeting, TLS and login together
+
+
+@dataclass(frozen=True, slots=True)
+class AuthHttpSettings:
+    url: str  # "http://host:port/path"; nginx's "host:port/path" form is accepted too
+    headers: tuple[tuple[str, str], ...] = ()  # auth_http_header: sent last, in this order
+    timeout: float = 5.0  # auth/http.py DEFAULT_TIMEOUT says why
+    pass_client_cert: bool = False  # auth_http_pass_client_cert: Auth-SSL-Verify ... -Cert
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,16 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mailgate import metrics
-from mailgate.auth.model import (
-    Authenticator,
-    ClientInfo,
-    Credentials,
-    Method,
-    Reject,
-    Route,
-    TempFail,
-)
-from mailgate.backend import ClientAddress
+from mailgate.auth import Authenticator
 from mailgate.backend.connect import (
     BackendConnection,
     BackendError,
@@ -57,6 +48,7 @@ from mailgate.protocols.pop3 import Pop3Core
 from mailgate.protocols.smtp import SmtpCore
 from mailgate.relay import Relay
 from mailgate.tls import tls_info
+from mailgate.values import ClientInfo, Credentials, Method, Reject, Route, TempFail
 
 log = logging.getLogger("mailgate.session")
 
@@ -232,9 +224,7 @@ class Session:
         self, route: Route, creds: Credentials
     ) -> tuple[LoginOutcome, BackendConnection | None]:
         self.backend = f"{route.host}:{route.port}"
-        client = ClientAddress(
-            self.client.ip, self.client.port, self.client.local_ip, self.client.local_port
-        )
+        client = self.client
         smtp = None
         if isinstance(self.core, SmtpCore):
             smtp = SmtpSession(creds.method is Method.NONE, self.core.helo, self.core.envelope)

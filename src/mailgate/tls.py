@@ -13,8 +13,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from mailgate.auth.model import TlsInfo
 from mailgate.config import BackendSettings, ConfigError, TlsSettings
+from mailgate.values import TlsInfo
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 

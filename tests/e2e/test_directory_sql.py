@@ -27,7 +27,7 @@ from integration.test_directory_sqlite import (
     populate,
     route,
 )
-from mailgate.auth.model import Decision, TempFail
+from mailgate.values import Decision, TempFail
 
 from .conftest import require
 

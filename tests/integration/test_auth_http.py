@@ -32,7 +32,7 @@ from mailgate.auth.http import (
     escape_mail_auth,
     parse_response,
 )
-from mailgate.auth.model import (
+from mailgate.values import (
     ClientInfo,
     Credentials,
     Method,

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from mailgate import authserver
 from mailgate.auth import passwords
-from mailgate.auth.model import (
+from mailgate.authserver import BadInput, create_app, unescape
+from mailgate.config import AuthServerSettings, parse
+from mailgate.values import (
     BackendTLS,
     ClientInfo,
     Credentials,
@@ -28,8 +30,6 @@ from mailgate.auth.model import (
     Secret,
     TempFail,
 )
-from mailgate.authserver import BadInput, create_app, unescape
-from mailgate.config import AuthServerSettings, parse
 
 T = TypeVar("T")
 KEY = ("X-NGX-Auth-Key", "some secret")

@@ -22,7 +22,9 @@ from sqlalchemy import MetaData, text
 from mailgate import admin
 from mailgate.auth import passwords
 from mailgate.auth.directory import SqlDirectory, engine_url
-from mailgate.auth.model import (
+from mailgate.auth.schema import SchemaError, dispose, make_engine
+from mailgate.config import DirectoryQueries, DirectorySettings
+from mailgate.values import (
     BackendTLS,
     ClientInfo,
     Credentials,
@@ -33,8 +35,6 @@ from mailgate.auth.model import (
     Secret,
     TempFail,
 )
-from mailgate.auth.schema import SchemaError, dispose, make_engine
-from mailgate.config import DirectoryQueries, DirectorySettings
 
 LOGGER = "mailgate.auth.directory"
 FAILED = Reject("Authentication failed.")

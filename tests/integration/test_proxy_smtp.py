@@ -551,8 +551,8 @@ def test_relay_with_the_builtin_directory_delivers_to_the_domains_mailstore(
 def test_a_mailstores_smtp_login_overrides_the_global_mode(tmp_path: Path) -> None:
     """[backend] smtp_mode is XCLIENT; a mailstore set to AUTH gets AUTH PLAIN instead."""
     from mailgate import admin
-    from mailgate.auth.model import Secret
     from mailgate.auth.schema import dispose, make_engine
+    from mailgate.values import Secret
 
     with running_smtp_backend(SmtpBackend(password="alice-pw")) as backend:
         url = f"sqlite:///{tmp_path / 'directory.db'}"

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from mailgate.auth.http import AuthHttpClient, AuthHttpSettings
-from mailgate.auth.model import ClientInfo, Credentials, Decision, Method, Reject, Route, Secret
+from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, Secret
 
 # --- the port of mailauth.pm ---------------------------------------------------------------
 

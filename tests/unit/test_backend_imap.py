@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailgate.auth.model import Secret
-from mailgate.backend import ClientAddress, LoginFailure
+from mailgate.backend import LoginFailure
 from mailgate.backend import imap as imap_module
 from mailgate.backend.imap import ImapLogin
 from mailgate.protocols.events import BackendFailed, BackendReady, Send, StartTLS
+from mailgate.values import ClientInfo, Secret
 
 MODES = ["whole", "bytes", "trailing"]
 EXTRA = b"* 1 EXISTS\r\n"  # what a backend may send right after the verdict
@@ -290,10 +290,10 @@ def test_tls_started_out_of_turn_is_a_programming_error():
 
 # --- ID forwarding --------------------------------------------------------------------------
 
-FULL = ClientAddress("1.2.3.4", 1234, "10.0.0.1", 143, "sess-42")
+FULL = ClientInfo("1.2.3.4", 1234, "imap", "10.0.0.1", 143)
 FULL_ID = (
     b'mg2 ID ("x-originating-ip" "1.2.3.4" "x-originating-port" "1234" '
-    b'"x-connected-ip" "10.0.0.1" "x-connected-port" "143" "x-session-ext-id" "sess-42")\r\n'
+    b'"x-connected-ip" "10.0.0.1" "x-connected-port" "143")\r\n'
 )
 
 
@@ -318,12 +318,12 @@ def test_id_is_pipelined_before_login_and_its_result_ignored(mode, id_result):
 @pytest.mark.parametrize(
     ("forward", "sent"),
     [
-        (ClientAddress("::1", 0), b'mg2 ID ("x-originating-ip" "::1")\r\n'),
+        (ClientInfo("::1", 0, "imap"), b'mg2 ID ("x-originating-ip" "::1")\r\n'),
         (
-            ClientAddress("1.2.3.4", 5, session_id="has space"),
+            ClientInfo("1.2.3.4", 5, "imap"),
             b'mg2 ID ("x-originating-ip" "1.2.3.4" "x-originating-port" "5")\r\n',
         ),
-        (ClientAddress("", 0, session_id='q"uote'), b""),
+        (ClientInfo('q"uote', 0, "imap"), b""),
     ],
 )
 def test_id_forwards_only_known_clean_fields(mode, forward, sent):

@@ -18,11 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailgate.auth.model import Secret
-from mailgate.backend import ClientAddress
 from mailgate.backend import pop3 as pop3_module
 from mailgate.backend.pop3 import Pop3Login
 from mailgate.protocols.events import BackendFailed, BackendReady, Send, StartTLS
+from mailgate.values import ClientInfo, Secret
 
 MODES = ["whole", "bytes", "trailing"]
 EXTRA = b"+OK 2 messages\r\n"  # what a backend may send right after the verdict (a pipelined STAT)
@@ -240,10 +239,10 @@ def test_tls_started_out_of_turn_is_a_programming_error():
     "reply", [b"+OK Updated\r\n", b"-ERR You are not from trusted IP\r\n", b"-ERR Unknown\r\n"]
 )
 def test_xclient_before_login_and_its_result_ignored(mode, reply):
-    forward = ClientAddress("1.2.3.4", 1234, "10.0.0.1", 110, "sess-42")
+    forward = ClientInfo("1.2.3.4", 1234, "pop3", "10.0.0.1", 110)
     script = [
         ("S", GREET),
-        ("C", b"XCLIENT ADDR=1.2.3.4 PORT=1234 SESSION=sess-42\r\n"),
+        ("C", b"XCLIENT ADDR=1.2.3.4 PORT=1234\r\n"),
         ("S", reply),
         *USER_PASS,
         ("S", OK_LOGIN),
@@ -254,8 +253,8 @@ def test_xclient_before_login_and_its_result_ignored(mode, reply):
 @pytest.mark.parametrize(
     ("forward", "sent"),
     [
-        (ClientAddress("2001:db8::1", 0), b"XCLIENT ADDR=2001:db8::1\r\n"),
-        (ClientAddress("1.2.3.4", 99, session_id="a b"), b"XCLIENT ADDR=1.2.3.4 PORT=99\r\n"),
+        (ClientInfo("2001:db8::1", 0, "pop3"), b"XCLIENT ADDR=2001:db8::1\r\n"),
+        (ClientInfo("1.2.3.4", 99, "pop3"), b"XCLIENT ADDR=1.2.3.4 PORT=99\r\n"),
     ],
 )
 def test_xclient_forwards_only_known_clean_fields(mode, forward, sent):
@@ -264,7 +263,7 @@ def test_xclient_forwards_only_known_clean_fields(mode, forward, sent):
 
 
 def test_no_xclient_without_anything_to_forward(mode):
-    forward = ClientAddress("bad addr", 0)
+    forward = ClientInfo("bad addr", 0, "pop3")
     ready(login(forward=forward), [("S", GREET), *USER_PASS, ("S", OK_LOGIN)], mode)
 
 
@@ -280,13 +279,15 @@ def test_xclient_after_stls(mode):
         ("S", OK_LOGIN),
     ]
     ready(
-        login(starttls=True, mechanism="plain", forward=ClientAddress("1.2.3.4", 5)), script, mode
+        login(starttls=True, mechanism="plain", forward=ClientInfo("1.2.3.4", 5, "pop3")),
+        script,
+        mode,
     )
 
 
 def test_malformed_xclient_reply_is_temporary(mode):
     script = [("S", GREET), ("C", b"XCLIENT ADDR=1.2.3.4\r\n"), ("S", b"what\r\n")]
-    failed(login(forward=ClientAddress("1.2.3.4", 0)), script, mode, temporary=True)
+    failed(login(forward=ClientInfo("1.2.3.4", 0, "pop3")), script, mode, temporary=True)
 
 
 # --- EOF, limits ----------------------------------------------------------------------------
@@ -369,7 +370,7 @@ def test_core_imports_no_io():
     mechanism=st.sampled_from(["user", "plain"]),
 )
 def test_any_input_gives_events(chunks, starttls, mechanism):
-    forward = ClientAddress("1.2.3.4", 5)
+    forward = ClientInfo("1.2.3.4", 5, "pop3")
     core = login("pässwörd", starttls=starttls, mechanism=mechanism, forward=forward, max_line=32)
     events = []
     for chunk in [b"+OK\r\n", *chunks, b""]:

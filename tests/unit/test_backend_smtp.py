@@ -14,8 +14,6 @@ import base64
 import backend_script
 import pytest
 
-from mailgate.auth.model import Secret
-from mailgate.backend import ClientAddress
 from mailgate.backend.smtp import MAX_COMMAND_LINE, SmtpLogin, SmtpLoginState, xtext
 from mailgate.protocols.events import (
     Authenticate,
@@ -28,6 +26,7 @@ from mailgate.protocols.events import (
 )
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.smtp import SmtpCore, SmtpState
+from mailgate.values import ClientInfo, Secret
 
 MODES = ["whole", "bytes", "trailing"]
 EXTRA = b"250 stray\r\n"  # what a broken backend may send right after its last reply
@@ -42,7 +41,7 @@ EHLO_XCLIENT = (
     b"250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT\r\n"
     b"250 SMTPUTF8\r\n"
 )
-FORWARD = ClientAddress("192.0.2.7", 51234)
+FORWARD = ClientInfo("192.0.2.7", 51234, "smtp")
 ENVELOPE = (b"MAIL FROM:<someone@sender.example>", b"RCPT TO:<alice@example.com>")
 PASSWORD = "alice-secret"
 BLOB = base64.b64encode(b"\0alice@example.com\0" + PASSWORD.encode())
@@ -198,7 +197,7 @@ def test_xclient_then_ehlo_with_the_client_name(mode):
 
 
 def test_xclient_forwards_destination_and_ipv6(mode):
-    forward = ClientAddress("2001:db8::1", 2525, local_ip="2001:db8::25", local_port=587)
+    forward = ClientInfo("2001:db8::1", 2525, "smtp", local_ip="2001:db8::25", local_port=587)
     line = (
         b"XCLIENT ADDR=IPV6:2001:db8::1 PORT=2525 NAME=[UNAVAILABLE] HELO=[UNAVAILABLE] "
         b"LOGIN=alice@example.com PROTO=ESMTP DESTADDR=IPV6:2001:db8::25 DESTPORT=587\r\n"

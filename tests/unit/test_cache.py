@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from mailgate.auth.cache import Cached
-from mailgate.auth.model import (
+from mailgate.values import (
     ClientInfo,
     Credentials,
     Decision,

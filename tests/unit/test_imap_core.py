@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from feeding import WAYS, comparable, feed, same_every_way
 
-from mailgate.auth.model import Credentials, Method
 from mailgate.protocols import imap
 from mailgate.protocols.events import (
     Authenticate,
@@ -32,6 +31,7 @@ from mailgate.protocols.events import (
 )
 from mailgate.protocols.imap import ImapCore, ImapState
 from mailgate.protocols.policy import PreAuthPolicy
+from mailgate.values import Credentials, Method
 
 SALT = "<1234.5678@mail.example>"
 POLICY = PreAuthPolicy(

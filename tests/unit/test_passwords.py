@@ -12,7 +12,6 @@ import bcrypt
 import pytest
 
 from mailgate.auth import passwords
-from mailgate.auth.model import Secret
 from mailgate.auth.passwords import (
     MalformedHash,
     NoCleartext,
@@ -23,6 +22,7 @@ from mailgate.auth.passwords import (
     verify_apop,
     verify_cram_md5,
 )
+from mailgate.values import Secret
 
 # Made with `doveadm pw -s SCHEME -p secret` (Dovecot 2.3.19.1).
 SECRET_VECTORS = [

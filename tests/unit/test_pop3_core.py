@@ -11,7 +11,6 @@ import dataclasses
 
 import pytest
 
-from mailgate.auth.model import Method
 from mailgate.protocols.events import (
     Authenticate,
     Close,
@@ -24,6 +23,7 @@ from mailgate.protocols.events import (
 )
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.pop3 import MAX_PIPELINED, Pop3Core, Pop3State
+from mailgate.values import Method
 
 SALT = "<1234.5678@mail.example>"
 POLICY = PreAuthPolicy(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from mailgate.auth.model import Credentials, Method, Secret
 from mailgate.protocols.sasl import (
     MAX_FIELD,
     Challenge,
@@ -14,6 +13,7 @@ from mailgate.protocols.sasl import (
     SaslError,
     new_server,
 )
+from mailgate.values import Credentials, Method, Secret
 
 SALT = "<1896.697170952@mail.example>"
 DIGEST = "b913a602c7eda7a495b4e6e7334d3890"  # RFC 2195's example response

@@ -11,7 +11,6 @@ import dataclasses
 
 import pytest
 
-from mailgate.auth.model import Method
 from mailgate.protocols.events import (
     Authenticate,
     Close,
@@ -24,6 +23,7 @@ from mailgate.protocols.events import (
 )
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.smtp import MAX_COMMAND_LINE, MAX_PIPELINED, SmtpCore, SmtpState
+from mailgate.values import Method
 
 SALT = "<1234.5678@mx.example>"
 SUBMISSION = PreAuthPolicy(

@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mailgate.auth.model import (
+from mailgate.auth.throttle import MemoryFailureStore, RedisFailureStore, Throttled
+from mailgate.config import ThrottleSettings
+from mailgate.values import (
     ClientInfo,
     Credentials,
     Decision,
@@ -25,8 +27,6 @@ from mailgate.auth.model import (
     Secret,
     TempFail,
 )
-from mailgate.auth.throttle import MemoryFailureStore, RedisFailureStore, Throttled
-from mailgate.config import ThrottleSettings
 
 T = TypeVar("T")
 PASSWORD = "correct horse"

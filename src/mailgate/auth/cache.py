@@ -20,7 +20,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from mailgate.auth.model import Authenticator, ClientInfo, Credentials, Decision, Method, Route
+from mailgate.auth import Authenticator
+from mailgate.values import ClientInfo, Credentials, Decision, Method, Route
 
 Clock = Callable[[], float]
 CacheKey = tuple[str, str, str, bytes]

@@ -22,13 +22,15 @@ import re
 import secrets
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mailgate.auth import passwords, schema
-from mailgate.auth.model import (
+from mailgate.auth.schema import dispose, engine_url, make_engine
+from mailgate.config import DirectorySettings
+from mailgate.values import (
     BackendTLS,
     ClientInfo,
     Credentials,
@@ -39,10 +41,6 @@ from mailgate.auth.model import (
     Secret,
     TempFail,
 )
-from mailgate.auth.schema import dispose, engine_url, make_engine
-
-if TYPE_CHECKING:
-    from mailgate.config import DirectorySettings
 
 __all__ = [
     "BadUserName",

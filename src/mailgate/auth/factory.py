@@ -6,7 +6,7 @@ are wrappers with the same interface, so each can be tested alone and turned off
 
 from __future__ import annotations
 
-from mailgate.auth.model import Authenticator
+from mailgate.auth import Authenticator
 from mailgate.config import Settings
 
 

@@ -21,13 +21,13 @@ import ipaddress
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 
 from yarl import URL
 
 from mailgate.auth.http11 import HttpPool
-from mailgate.auth.model import (
+from mailgate.config import AuthHttpSettings
+from mailgate.values import (
     ClientInfo,
     Credentials,
     Decision,
@@ -71,14 +71,6 @@ _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?", re.ASCII)
 # An SMTP error code the client will see: 4xx/5xx, optionally with an enhanced status code.
 _ERROR_CODE = re.compile(r"[45][0-9][0-9](?: [45]\.[0-9]{1,3}\.[0-9]{1,3})?", re.ASCII)
-
-
-@dataclass(frozen=True, slots=True)
-class AuthHttpSettings:
-    url: str  # "http://host:port/path"; nginx's "host:port/path" form is accepted too
-    headers: tuple[tuple[str, str], ...] = ()  # auth_http_header: sent last, in this order
-    timeout: float = DEFAULT_TIMEOUT
-    pass_client_cert: bool = False  # auth_http_pass_client_cert: Auth-SSL-Verify ... -Cert
 
 
 # --- the request -------------------------------------------------------------------------

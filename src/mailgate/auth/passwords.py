@@ -27,7 +27,7 @@ import argon2
 import bcrypt
 from passlib import hash as passlib_hash
 
-from mailgate.auth.model import Secret
+from mailgate.values import Secret
 
 _equal = hmac.compare_digest  # the one comparison of secret-derived bytes (tests spy on it)
 

@@ -20,21 +20,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from mailgate.auth.model import (
-    Authenticator,
-    ClientInfo,
-    Credentials,
-    Decision,
-    Method,
-    Reject,
-    Route,
-    TempFail,
-)
-
-if TYPE_CHECKING:  # config imports the auth package: no import cycle at run time
-    from mailgate.config import ThrottleSettings
+from mailgate.auth import Authenticator
+from mailgate.config import ThrottleSettings
+from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, TempFail
 
 log = logging.getLogger("mailgate.throttle")
 

@@ -1,31 +1,15 @@
 """Backend logins: sans-I/O client cores that log in to a mailstore on the user's behalf.
 
 `imap.py` and `pop3.py` hold the cores; `connect.py` is the one async driver that runs them.
-This module holds what both cores share: the forwarded client address, the one failure
-exception, and the function that turns a failure into log text with every secret removed.
+This module holds what the cores share: the one failure exception, and the function that turns
+a failure into log text with every secret removed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 # Backend text kept in BackendFailed.detail: enough for a status code and a sentence, short
 # enough to stay one readable log line however long the backend's line was.
 DETAIL_MAX = 300
-
-
-@dataclass(frozen=True, slots=True)
-class ClientAddress:
-    """The client's connection as the backend should see it (Dovecot ID / XCLIENT fields).
-
-    Empty strings and zero ports are unknown and are not forwarded.
-    """
-
-    ip: str
-    port: int
-    local_ip: str = ""
-    local_port: int = 0
-    session_id: str = ""
 
 
 class LoginFailure(Exception):
@@ -56,7 +40,7 @@ def describe(failure: LoginFailure, secrets: tuple[bytes, ...]) -> str:
 def forwardable(value: str) -> bool:
     """True if `value` can go into an ID string or XCLIENT attribute as it is.
 
-    Addresses and session ids are short printable tokens; anything else is not forwarded
+    Addresses and ports are short printable tokens; anything else is not forwarded
     rather than escaped, so a strange value can never split or extend the command.
     """
     return 0 < len(value) <= 255 and all("!" <= ch <= "~" and ch not in '"\\' for ch in value)

@@ -11,13 +11,12 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from mailgate.auth.model import BackendTLS, Route
-from mailgate.backend import ClientAddress
 from mailgate.backend.imap import ImapLogin
 from mailgate.backend.pop3 import Pop3Login
 from mailgate.backend.smtp import SmtpLogin
 from mailgate.netio import Channel
 from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
+from mailgate.values import BackendTLS, ClientInfo, Route
 
 LoginCore = ImapLogin | Pop3Login | SmtpLogin
 
@@ -67,7 +66,7 @@ def make_core(
     protocol: str,
     route: Route,
     opts: BackendOptions,
-    client: ClientAddress,
+    client: ClientInfo,
     smtp: SmtpSession | None = None,
 ) -> LoginCore:
     starttls = (route.tls or opts.tls) is BackendTLS.STARTTLS

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
-from mailgate.auth.model import Secret
-from mailgate.backend import ClientAddress, LoginFailure, describe, forwardable
+from mailgate.backend import LoginFailure, describe, forwardable
 from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
 from mailgate.protocols.lines import LineBuffer, LineTooLong
+from mailgate.values import ClientInfo, Secret
 
 # Dovecot's imap_max_line_length default: no sane backend sends a longer line before login.
 DEFAULT_MAX_LINE = 65536
@@ -47,7 +47,6 @@ ID_FIELDS = (
     "x-originating-port",
     "x-connected-ip",
     "x-connected-port",
-    "x-session-ext-id",
 )
 
 
@@ -136,7 +135,7 @@ class ImapLogin:
         *,
         starttls: bool = False,
         mechanism: str = "login",
-        forward: ClientAddress | None = None,
+        forward: ClientInfo | None = None,
         max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         if mechanism not in MECHANISMS:
@@ -298,7 +297,7 @@ class ImapLogin:
         if fwd is None:
             return b""
         port, local_port = str(fwd.port or ""), str(fwd.local_port or "")
-        values = (fwd.ip, port, fwd.local_ip, local_port, fwd.session_id)
+        values = (fwd.ip, port, fwd.local_ip, local_port)
         pairs = [
             _quote(key.encode()) + b" " + _quote(value.encode())
             for key, value in zip(ID_FIELDS, values, strict=True)

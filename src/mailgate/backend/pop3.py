@@ -17,10 +17,10 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
-from mailgate.auth.model import Secret
-from mailgate.backend import ClientAddress, LoginFailure, describe, forwardable
+from mailgate.backend import LoginFailure, describe, forwardable
 from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
 from mailgate.protocols.lines import LineBuffer, LineTooLong
+from mailgate.values import ClientInfo, Secret
 
 # Far above RFC 2449's 512-octet response limit, the same bound as the IMAP core.
 DEFAULT_MAX_LINE = 65536
@@ -76,7 +76,7 @@ class Pop3Login:
         *,
         starttls: bool = False,
         mechanism: str = "user",
-        forward: ClientAddress | None = None,
+        forward: ClientInfo | None = None,
         max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         if mechanism not in MECHANISMS:
@@ -208,7 +208,7 @@ class Pop3Login:
         fwd = self._forward
         if fwd is None:
             return b""
-        attrs = (("ADDR", fwd.ip), ("PORT", str(fwd.port or "")), ("SESSION", fwd.session_id))
+        attrs = (("ADDR", fwd.ip), ("PORT", str(fwd.port or "")))
         pairs = [f"{name}={value}" for name, value in attrs if forwardable(value)]
         if not pairs:
             return b""

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import ClassVar
 
-from mailgate.auth.model import Secret
-from mailgate.backend import ClientAddress, LoginFailure, describe, forwardable
+from mailgate.backend import LoginFailure, describe, forwardable
 from mailgate.protocols.events import (
     BackendEvent,
     BackendFailed,
@@ -37,6 +36,7 @@ from mailgate.protocols.events import (
     StartTLS,
 )
 from mailgate.protocols.lines import LineBuffer, LineTooLong
+from mailgate.values import ClientInfo, Secret
 
 # RFC 5321 4.5.3.1.5 caps a reply line at 512 octets; a lax backend gets far more room, and
 # any line longer than this is a broken peer, not a reply.
@@ -150,7 +150,7 @@ class SmtpLogin:
         secret: Secret,
         mode: str,
         starttls: bool,
-        forward: ClientAddress | None,
+        forward: ClientInfo | None,
         client_helo: str | None,
         envelope: tuple[bytes, ...] = (),
         max_line: int = DEFAULT_MAX_LINE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.auth.model import Credentials
+from mailgate.values import Credentials
 
 # --- events a core asks the driver to perform -------------------------------------------------
 

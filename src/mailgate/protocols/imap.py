@@ -15,7 +15,6 @@ import functools
 from collections.abc import Callable
 from enum import Enum
 
-from mailgate.auth.model import Credentials, Method, Secret
 from mailgate.protocols import imapwire as wire
 from mailgate.protocols.events import (
     Authenticate,
@@ -31,6 +30,7 @@ from mailgate.protocols.events import (
 from mailgate.protocols.lines import LineBuffer, LineTooLong
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.sasl import MAX_FIELD, Challenge, SaslError, SaslServer, new_server
+from mailgate.values import Credentials, Method, Secret
 
 
 class ImapState(Enum):

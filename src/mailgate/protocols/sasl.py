@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.auth.model import Credentials, Method, Secret
+from mailgate.values import Credentials, Method, Secret
 
 # Longest user name or password we accept: far above any real one (Dovecot caps SASL input at
 # 8 KiB as a whole), and it keeps an auth_http header comfortably under any server's limit.

@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable
 from enum import Enum
 
-from mailgate.auth.model import Credentials, Method, Secret
 from mailgate.protocols.events import (
     Authenticate,
     Close,
@@ -36,6 +35,7 @@ from mailgate.protocols.events import (
 from mailgate.protocols.lines import LineBuffer, LineTooLong
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.sasl import Challenge, SaslError, SaslServer, new_server
+from mailgate.values import Credentials, Method, Secret
 
 
 class SmtpState(Enum):

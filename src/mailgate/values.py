@@ -1,20 +1,20 @@
-"""The values that flow from a protocol core to an authenticator and on to the backend.
+"""The values every stage of a session hands to the next: the ground floor of mailgate.
 
-Everything here is plain data: frozen, slotted dataclasses and enums. The protocol cores
-produce `Credentials`; an `Authenticator` turns them plus `ClientInfo` into a `Decision`;
-the session driver acts on the decision. Nothing here does I/O.
+A protocol core produces `Credentials`; an authenticator turns them and `ClientInfo` into a
+`Decision`; the driver logs in where a `Route` says and ends the session with a `CloseReason`.
+Everything here is plain data (frozen, slotted dataclasses and enums) and this module imports
+nothing else of mailgate, so cores, auth, backend logins and the relay all import downward.
 """
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Protocol
+from enum import Enum, StrEnum
 
 
 class Secret:
-    """A password or digest that must never be printed.
+    """A password, digest or token that must never be printed.
 
     `repr` and `str` are redacted so a secret cannot leak through a log line, an f-string or
     an exception message by accident; `reveal()` is the one explicit way to get the value.
@@ -69,11 +69,18 @@ class Credentials:
     user: str
     secret: Secret
     salt: str | None = None  # CRAM-MD5 challenge / APOP timestamp, angle brackets included
-    attempt: int = 1  # Auth-Login-Attempt: 1 for the first try in this session
-    # SMTP "auth none" (relay): the whole command lines, as nginx sends them.
+    attempt: int = 1  # Auth-Login-Attempt: numbered by the protocol core, 1 for the first
+    # SMTP: the client's HELO name (every login), and for "auth none" (relay) the whole
+    # MAIL FROM and RCPT TO command lines, as nginx sends them and the backend replays them.
     smtp_helo: str | None = None
     smtp_from: str | None = None
     smtp_to: str | None = None
+
+    @property
+    def envelope(self) -> tuple[bytes, ...]:
+        """The relay envelope a backend login replays: MAIL FROM, then RCPT TO."""
+        lines = (self.smtp_from, self.smtp_to)
+        return tuple(line.encode("utf-8") for line in lines if line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,8 @@ class TlsInfo:
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
+    """The client's connection: who it is, where it came in, whether it is encrypted."""
+
     ip: str
     port: int
     protocol: str  # "imap" | "pop3" | "smtp"
@@ -139,13 +148,35 @@ class TempFail:
 Decision = Route | Reject | TempFail
 
 
-class Authenticator(Protocol):
-    """Decides whether a login is valid and where it goes.
+class CloseReason(Enum):
+    """Why a session ended: the `outcome` of its log line and of the sessions metric."""
 
-    Implementations never raise for an outage: a timeout, a dropped connection or a garbled
-    answer is a `TempFail`.
-    """
-
-    async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision: ...
-
-    async def close(self) -> None: ...
+    # The client ended it.
+    EOF = "eof"  # closed before logging in
+    LOGOUT = "logout"  # LOGOUT / QUIT before logging in
+    CLIENT_CLOSED = "client closed"  # after logging in
+    CONNECTION_ERROR = "connection error"  # reset, or a broken TLS record
+    # mailgate ended it before login.
+    TIMEOUT = "timeout"  # a read, a write or the whole login phase took too long
+    TOO_MANY_ERRORS = "too many invalid commands"
+    TOO_MANY_FAILURES = "too many failed logins"
+    LINE_TOO_LONG = "line too long"
+    LITERAL_TOO_LARGE = "literal too large"
+    NONSYNC_ERROR = "syntax error after non-synchronising literal"
+    FLOODED = "pipelining overflow"
+    EARLY_TALKER = "talked before the greeting"
+    # Input that is plainly another protocol (the ALPACA class): closed at once.
+    FOREIGN_HTTP = "not mail: http request"
+    FOREIGN_SMTP = "not mail: smtp client"
+    FOREIGN_TLS = "not mail: tls on a plaintext port"
+    # Limits at accept or before login.
+    BUSY = "max_sessions reached"
+    HANDSHAKE_LIMIT = "too many tls handshakes"
+    HANDSHAKE_FAILED = "tls handshake failed"
+    # After login.
+    BACKEND_CLOSED = "backend closed"  # the backend said goodbye (LOGOUT, QUIT, 221)
+    BACKEND_LOST = "backend lost"  # the backend went away without the protocol's goodbye
+    IDLE_TIMEOUT = "idle timeout"
+    # mailgate itself.
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal error"

@@ -177,6 +177,20 @@ class CloseReason(Enum):
     BACKEND_CLOSED = "backend closed"  # the backend said goodbye (LOGOUT, QUIT, 221)
     BACKEND_LOST = "backend lost"  # the backend went away without the protocol's goodbye
     IDLE_TIMEOUT = "idle timeout"
+    KICKED = "kicked"  # an operator ended it (mailgate kick, a user move)
     # mailgate itself.
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal error"
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbyes:
+    """What a protocol says when mailgate, not the client, ends a session (`* BYE ...`,
+    `-ERR ...`, `421 ...`), one line each with its CRLF."""
+
+    idle: bytes  # the session was idle too long (before or after login)
+    shutdown: bytes  # mailgate is stopping
+    backend_lost: bytes  # the backend closed without the protocol's goodbye
+    unavailable: bytes  # the session cannot go on (internal error): a temporary failure
+    busy: bytes  # a limit refuses the session at accept: try again later
+    kicked: bytes  # an operator ended the session (mailgate kick, a user move)

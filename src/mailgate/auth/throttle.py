@@ -13,7 +13,6 @@ and a wrong password, and it answers both the same way. TempFail (an outage) is 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
 from mailgate.config import ThrottleSettings
 from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, TempFail
@@ -37,7 +37,6 @@ DEFAULT_MAX_KEYS = 100_000
 # Redis answers in well under a millisecond on a LAN; past this a login goes on with the local
 # counters rather than wait (the whole login has a few seconds).
 REDIS_TIMEOUT = 0.5
-IPV6_PREFIX = 64  # one subscriber's network (RFC 6177): counting single addresses is useless
 MAX_DOUBLINGS = 60  # 2**60 * any sane base_delay is past max_delay; keeps the float finite
 
 
@@ -292,16 +291,7 @@ class Throttled:
 
 
 def _ip_key(ip: str) -> str:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return "ip:" + ip  # not an address (a test, a unix socket): count it as it is
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        network = ipaddress.IPv6Network(f"{address}/{IPV6_PREFIX}", strict=False)
-        return f"ip:{network}"
-    return f"ip:{address}"
+    return "ip:" + subscriber(ip)
 
 
 def _user_key(user: str) -> str | None:

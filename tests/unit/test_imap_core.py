@@ -723,3 +723,24 @@ def test_importing_the_core_loads_no_io_module() -> None:
         env={"PYTHONPATH": src},
     )
     assert result.stdout.strip() == "[]"
+
+
+def rfc2971_largest_id() -> bytes:
+    """What Dovecot's imaptest `id` group sends: 30 pairs, 30-octet fields and 1024-octet
+    values, RFC 2971 3.3's limits, on one line of about 31.8 KB."""
+    pairs = [b'"%s" "%s"' % (b"f%029d" % i, b"v" * 1024) for i in range(30)]
+    return b"a ID (" + b" ".join(pairs) + b")\r\n"
+
+
+def test_the_largest_id_rfc_2971_allows_is_accepted() -> None:
+    line = rfc2971_largest_id()
+    assert len(line) > 31_000
+    core = make()
+    assert sent(core.receive(line + b"b NOOP\r\n")) == (
+        b"* ID NIL\r\na OK ID completed\r\nb OK NOOP completed\r\n"
+    )
+
+
+def test_the_pre_auth_line_limit_is_a_setting() -> None:
+    events = make(max_line=8192).receive(rfc2971_largest_id())
+    assert events == [Send(b"* BYE Line too long\r\n"), Close(CloseReason.LINE_TOO_LONG)]

@@ -71,6 +71,24 @@ def _auth_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _import_nginx(args: argparse.Namespace) -> int:
+    from mailgate.nginx_conf import NginxSyntaxError
+    from mailgate.nginx_import import NginxImportError, import_file
+
+    try:
+        conversion = import_file(args.file)
+    except NginxImportError as e:
+        print(f"mailgate: {args.file}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except NginxSyntaxError as e:  # names file:line itself
+        print(f"mailgate: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(conversion.toml())
+    for note in conversion.notes:
+        print(note, file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgate", description="A mail login proxy.")
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
@@ -87,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("serve", _serve, "run the proxy")
     command("check", _check, "validate the configuration and exit")
     command("auth-server", _auth_server, "serve the nginx auth_http protocol over HTTP")
+    nginx = command(
+        "import-nginx",
+        _import_nginx,
+        "convert an nginx mail {} block to mailgate TOML (stdout); what could not be mapped "
+        "goes to stderr",
+    )
+    nginx.add_argument("file", metavar="FILE", help="nginx.conf (includes are followed)")
+    nginx.set_defaults(needs_config=False)
     try:
         from mailgate import cli_admin
     except ImportError:  # the directory's extra dependencies are not installed
@@ -103,7 +129,7 @@ def load_settings(path: str) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.config:
+    if getattr(args, "needs_config", True) and not args.config:
         parser.error("the configuration file is required: -c FILE")
     try:
         code: int = args.func(args)

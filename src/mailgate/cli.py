@@ -8,7 +8,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from mailgate import __version__
+from mailgate import __version__, logsetup
 from mailgate.config import ConfigError, Settings, load
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -28,14 +28,19 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.listeners:
         print(f"{args.config}: no [[listener]] configured", file=sys.stderr)
         return EXIT_USAGE
-    server.configure_logging(settings.log_level)
+    logsetup.configure(settings.log_level, settings.log_file)
     return server.serve(settings)
 
 
 def _check(args: argparse.Namespace) -> int:
     settings = load(args.config)
-    from mailgate import server
+    from mailgate import preflight, server
 
+    problems = preflight.problems(settings)  # what serve would fail on, all of it at once
+    for problem in problems:
+        print(f"mailgate: configuration error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     server.preflight(settings)  # what serve would load: certificates, CA, authenticator
     for listener in settings.listeners:
         methods = ",".join(listener.auth)
@@ -52,7 +57,7 @@ def _auth_server(args: argparse.Namespace) -> int:
     from mailgate.auth.factory import build_authenticator
 
     settings = load(args.config)
-    server.configure_logging(settings.log_level)
+    logsetup.configure(settings.log_level, settings.log_file)
 
     async def run() -> None:
         authenticator = build_authenticator(settings)

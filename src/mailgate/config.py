@@ -191,6 +191,8 @@ class Settings:
     hostname: str = "localhost"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    # None: stderr (journald, docker). A file is reopened by logsetup.reopen() for logrotate.
+    log_file: Path | None = None
     metrics_listen: str | None = None
     pid_file: Path | None = None  # written by serve; `mailgate directory flush` signals it
     source: Path | None = None
@@ -240,6 +242,7 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         hostname=t.get("hostname", str, "localhost"),
         shutdown_timeout=t.timeout("shutdown_timeout", 30.0),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+        log_file=t.path("log_file"),
         metrics_listen=t.get("metrics_listen", str, None),
         pid_file=t.path("pid_file"),
         source=source,

@@ -115,6 +115,7 @@ def load_targets() -> dict[str, Callable[[int, bytes, int], None]]:
                 fed += len(piece)
                 if isinstance(result, HeaderParsed):
                     size = fed - len(result.trailing)
+                    check(size == result.length, "length is not what was consumed")
                     check(result.trailing == payload[size:fed], "trailing bytes changed")
                     alone = ProxyHeaderParser().receive(payload[:size])
                     check(isinstance(alone, HeaderParsed), "the header alone does not parse")

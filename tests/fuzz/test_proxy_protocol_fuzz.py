@@ -114,7 +114,7 @@ def test_any_input_gives_a_header_need_more_or_an_error(data, points):
         parsed, fed = value
         assert isinstance(parsed, HeaderParsed)
         header_len = fed - len(parsed.trailing)
-        assert header_len > 0
+        assert header_len == parsed.length > 0
         assert data[header_len:fed] == parsed.trailing, "trailing bytes changed"
         assert whole_value[0].header == parsed.header
         assert whole_value[0].trailing == data[header_len:]

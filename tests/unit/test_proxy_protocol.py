@@ -20,6 +20,7 @@ from mailgate.protocols.proxy_protocol import (
     ProxyProtocolError,
     Transport,
     may_be_proxy_header,
+    parse_header,
 )
 from mailgate.protocols.proxy_tlvs import CLIENT_CERT_CONN, CLIENT_CERT_SESS, CLIENT_SSL, SslInfo
 from proxy_wire import (
@@ -61,6 +62,8 @@ def parse_every_way(data: bytes) -> ProxyHeader:
     assert isinstance(rest, HeaderParsed) and rest.trailing == MAIL[:3]
 
     assert whole.header == last.header == trailing.header == rest.header
+    assert whole.length == last.length == trailing.length == rest.length == len(data)
+    assert parse_header(data + MAIL) == trailing
     return whole.header
 
 
@@ -393,3 +396,14 @@ def test_the_parser_is_single_use():
         failed.receive(b"x")
     with pytest.raises(RuntimeError):
         failed.receive(b"PROXY UNKNOWN\r\n")
+
+
+def test_parse_header_is_one_look_without_state():
+    data = b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n\x16\x03\x01"
+    assert parse_header(b"") is NEED_MORE
+    assert parse_header(data[:20]) is NEED_MORE
+    peeked = parse_header(data)
+    assert isinstance(peeked, HeaderParsed)
+    assert peeked.length == len(data) - 3 and peeked.trailing == b"\x16\x03\x01"
+    with pytest.raises(ProxyProtocolError):
+        parse_header(b"\x16\x03\x01")

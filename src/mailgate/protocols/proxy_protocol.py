@@ -36,6 +36,7 @@ __all__ = [
     "SslInfo",
     "Transport",
     "may_be_proxy_header",
+    "parse_header",
 ]
 
 V1_PREFIX = b"PROXY "
@@ -126,7 +127,18 @@ NEED_MORE = NeedMore()
 @dataclass(frozen=True, slots=True)
 class HeaderParsed:
     header: ProxyHeader
-    trailing: bytes  # what followed the header: the mail protocol's first bytes
+    length: int  # bytes the header took on the wire
+    trailing: bytes  # the bytes after it that were fed: the mail protocol's (or TLS's) first
+
+
+def parse_header(data: bytes) -> NeedMore | HeaderParsed:
+    """One look at a connection's first bytes, keeping no state: for a peek (MSG_PEEK).
+
+    On an implicit-TLS listener the driver can peek, then consume exactly `length` bytes, so
+    the ClientHello behind the header stays in the socket for the TLS layer. Raises
+    ProxyProtocolError as `ProxyHeaderParser.receive` does.
+    """
+    return ProxyHeaderParser().receive(data) if data else NEED_MORE
 
 
 def may_be_proxy_header(data: bytes) -> bool:
@@ -185,7 +197,7 @@ def _parse_v1(buf: bytes) -> NeedMore | HeaderParsed:
         if len(buf) >= V1_MAX_LINE:
             raise ProxyProtocolError(f"v1 line has no CRLF within {V1_MAX_LINE} bytes")
         return NEED_MORE
-    return HeaderParsed(_v1_header(line[len(V1_PREFIX) :]), buf[end + 2 :])
+    return HeaderParsed(_v1_header(line[len(V1_PREFIX) :]), end + 2, buf[end + 2 :])
 
 
 def _v1_header(rest: bytes) -> ProxyHeader:
@@ -258,7 +270,7 @@ def _parse_v2(buf: bytes, max_header: int) -> NeedMore | HeaderParsed:
         raise ProxyProtocolError(f"v2 address block truncated to {length} bytes")
     if len(buf) < total:
         return NEED_MORE
-    return HeaderParsed(_v2_header(buf[:total], command), buf[total:])
+    return HeaderParsed(_v2_header(buf[:total], command), total, buf[total:])
 
 
 def _check_version_and_command(byte: int) -> None:

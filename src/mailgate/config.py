@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailgate.networks import EMPTY, NetworkList, parse_network
 from mailgate.protocols.spec import SPECS
 from mailgate.values import BackendTLS, Secret
 
@@ -25,6 +26,9 @@ DEFAULT_PORTS = {name: spec.port for name, spec in SPECS.items()}
 # a pre-auth session may buffer (a line is held whole until its CRLF arrives).
 MIN_LINE = 1024
 MAX_LINE = 1024 * 1024
+# The PROXY header comes in the proxy's first segment; the spec asks receivers to wait at
+# least 3 s (one TCP retransmit) before giving up, and 5 s leaves room for a loaded proxy.
+DEFAULT_PROXY_PROTOCOL_TIMEOUT = 5.0
 
 
 class ConfigError(Exception):
@@ -39,6 +43,11 @@ class ListenerSettings:
     tls: str  # "none" | "starttls" | "implicit"
     starttls_only: bool
     auth: tuple[str, ...]  # the protocol's [section].auth unless the listener overrides it
+    # PROXY protocol v1/v2 in: every connection must start with a header, and only from
+    # these networks; the header must be complete within proxy_protocol_timeout seconds.
+    proxy_protocol: bool = False
+    trusted_proxies: NetworkList = EMPTY
+    proxy_protocol_timeout: float = DEFAULT_PROXY_PROTOCOL_TIMEOUT
 
     @property
     def address(self) -> str:
@@ -195,6 +204,8 @@ class Settings:
     log_file: Path | None = None
     metrics_listen: str | None = None
     pid_file: Path | None = None  # written by serve; `mailgate directory flush` signals it
+    # Clients on these networks are trusted (issue 8: e.g. exempt from throttling).
+    trusted_networks: NetworkList = EMPTY
     source: Path | None = None
 
 
@@ -245,6 +256,7 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         log_file=t.path("log_file"),
         metrics_listen=t.get("metrics_listen", str, None),
         pid_file=t.path("pid_file"),
+        trusted_networks=_networks(t, "trusted_networks"),
         source=source,
     )
     t.check_unknown()
@@ -287,8 +299,40 @@ def _listener(t: _Table, protocols: Mapping[str, ProtocolSettings]) -> ListenerS
     starttls_only = t.get("starttls_only", bool, False)
     if starttls_only and tls != "starttls":
         raise ConfigError(f"{t.key('starttls_only')}: only makes sense with tls = 'starttls'")
+    proxy_protocol, trusted_proxies, proxy_timeout = _proxy_protocol(t)
     t.check_unknown()
-    return ListenerSettings(protocol, host, port, tls, starttls_only, auth)
+    return ListenerSettings(
+        protocol, host, port, tls, starttls_only, auth, proxy_protocol, trusted_proxies,
+        proxy_timeout,
+    )  # fmt: skip
+
+
+def _proxy_protocol(t: _Table) -> tuple[bool, NetworkList, float]:
+    """A listener's proxy_protocol, trusted_proxies and proxy_protocol_timeout."""
+    enabled = t.get("proxy_protocol", bool, False)
+    proxies = _networks(t, "trusted_proxies")
+    timeout = t.timeout("proxy_protocol_timeout", DEFAULT_PROXY_PROTOCOL_TIMEOUT)
+    if enabled and not proxies:
+        # Accepting a header from anyone would let any client choose its own address.
+        raise ConfigError(
+            f"{t.key('trusted_proxies')}: required with proxy_protocol = true "
+            "(the networks of the proxies that may send the header)"
+        )
+    for key in ("trusted_proxies", "proxy_protocol_timeout"):
+        if key in t.raw and not enabled:
+            raise ConfigError(f"{t.key(key)}: only makes sense with proxy_protocol = true")
+    return enabled, proxies, timeout
+
+
+def _networks(t: _Table, key: str) -> NetworkList:
+    """A list of CIDR networks or bare addresses; a bad entry is named with its index."""
+    networks = []
+    for index, entry in enumerate(t.str_list(key, ())):
+        try:
+            networks.append(parse_network(entry))
+        except ValueError as e:
+            raise ConfigError(f"{t.key(key)}[{index}]: {e}") from None
+    return NetworkList(tuple(networks))
 
 
 def _tls(t: _Table) -> TlsSettings:

@@ -1,6 +1,8 @@
 """The directory's behaviour suite on real MariaDB and PostgreSQL (and SQLite again), and outages.
 
-The suite is `DirectoryBehaviour` from tests/integration/test_directory_sqlite.py, unchanged:
+The suites are `DirectoryBehaviour` from tests/integration/test_directory_sqlite.py and
+`NamesBehaviour` (spellings, collations, the version 3 migration) from
+tests/integration/test_directory_names.py, unchanged:
 each test starts by dropping every table of its database, so one database per module and
 server is enough. The outage tests run their own servers, which they freeze and stop.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import peers  # on sys.path through tests/e2e/conftest.py
 import pytest
 
+from integration.test_directory_names import NamesBehaviour
 from integration.test_directory_sqlite import (
     CAROL_PW,
     FAILED,
@@ -75,6 +78,14 @@ class TestSqlDirectory(DirectoryBehaviour):
     def db_url(self, request: pytest.FixtureRequest, tmp_path: Path) -> str:
         if request.param == "sqlite":
             return f"sqlite:///{tmp_path / 'directory.db'}"
+        return str(request.getfixturevalue(f"{request.param}_database"))
+
+
+class TestSqlNames(NamesBehaviour):
+    """SQLite runs in tests/integration; here the two servers whose collations differ."""
+
+    @pytest.fixture(params=["mariadb", "postgresql"])
+    def db_url(self, request: pytest.FixtureRequest) -> str:
         return str(request.getfixturevalue(f"{request.param}_database"))
 
 

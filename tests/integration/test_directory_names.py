@@ -28,9 +28,9 @@ from integration.test_directory_sqlite import (
 )
 from mailgate import admin
 from mailgate.auth.schema import SCHEMA_VERSION, dispose, make_engine
-from mailgate.auth.throttle import REFUSED_NAMES_KEY, _user_key
-from mailgate.config import DirectoryQueries
-from mailgate.values import Decision, Reject, Route, Secret
+from mailgate.auth.throttle import REFUSED_NAMES_KEY, Throttled, _user_key
+from mailgate.config import DirectoryQueries, ThrottleSettings
+from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, Secret
 
 LOGGER = "mailgate.auth.directory"
 VICTIM, VICTIM_PW = "victim@example.com", "victim-pw"
@@ -72,6 +72,28 @@ SEED_QUERIES_WITH_USER = DirectoryQueries(
     password='SELECT email AS "user", clear AS password FROM users WHERE email = :user LIMIT 1',
     route="SELECT destination_mailstore AS host FROM transport WHERE domain = :domain LIMIT 1",
 )
+
+
+# No delays (they would only slow the test); locked out after three failures.
+LOCK_AFTER_3 = ThrottleSettings(free=1000, lockout_after=3, lockout=300.0)
+
+
+async def lock_out(throttled: Throttled) -> None:
+    """Four wrong guesses for the victim from one address: the victim is locked out."""
+    for _ in range(4):
+        guess = Credentials(Method.PLAIN, VICTIM, Secret("guess"))
+        assert await throttled.authenticate(guess, ClientInfo("192.0.2.1", 1, "imap")) == FAILED
+
+
+async def try_each(throttled: Throttled, names: list[str], password: str) -> list[Decision]:
+    """Each name with `password`, each from an address of its own (no per-IP lock-out)."""
+    decisions = []
+    for n, name in enumerate(names):
+        creds = Credentials(Method.PLAIN, name, Secret(password))
+        decisions.append(
+            await throttled.authenticate(creds, ClientInfo(f"198.51.100.{n + 1}", 1, "imap"))
+        )
+    return decisions
 
 
 def is_mysql(url: str) -> bool:
@@ -166,6 +188,24 @@ class NamesBehaviour:
                     wrong = await e.auth(name, "wrong")
                     assert wrong == FAILED and isinstance(wrong, Reject)
                     assert wrong.identity == VICTIM and key(wrong, name) == VICTIM_KEY
+
+        run(scenario())
+
+    def test_a_locked_out_user_stays_locked_out_whatever_the_spelling(self, db_url: str) -> None:
+        """The issue as found: `victim@example.com` locked, and its other spellings logging in
+        with the right password from other addresses. The accented user is someone else."""
+
+        async def scenario() -> None:
+            await add_users(db_url)
+            async with env(db_url) as e:
+                throttled = Throttled(e.directory, LOCK_AFTER_3)
+                await lock_out(throttled)
+                for name, decision in zip(SAME_AS_VICTIM, await try_each(
+                        throttled, SAME_AS_VICTIM, VICTIM_PW), strict=True):  # fmt: skip
+                    assert decision == FAILED, repr(name)
+                for name in (ACCENTED, DECOMPOSED):  # not locked: another user, own password
+                    route((await try_each(throttled, [name], ACCENTED_PW))[0])
+                    assert await try_each(throttled, [name], VICTIM_PW) == [FAILED]
 
         run(scenario())
 

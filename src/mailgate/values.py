@@ -9,7 +9,7 @@ nothing else of mailgate, so cores, auth, backend logins and the relay all impor
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
 
@@ -126,6 +126,10 @@ class Route:
     tls: BackendTLS | None = None  # None: use the [backend] setting
     mailstore: str | None = None  # a name for logs and metrics
     smtp_mode: str | None = None  # "xclient" | "auth"; None: use the [backend] setting
+    # The user the authenticator matched, as it stores the name (normalised): what counters
+    # key on (a database may match "Victim@Example.com " to "victim@example.com").
+    # Metadata, not part of the decision's value: it never reaches the client or the backend.
+    identity: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,9 @@ class Reject:
     message: str = "Authentication failed."
     wait: float = 0.0
     error_code: str | None = None  # SMTP Auth-Error-Code, e.g. "535 5.7.8"
+    # As Route.identity: the stored user a wrong password (or a disabled user) was checked
+    # against; None for an unknown user or a refused name. Never shown to the client.
+    identity: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Brute-force throttling: an Authenticator that wraps another one.
 
 Failures are counted per client IP (IPv6 per /64, what one subscriber gets) and per user name
-(lower-cased) within `window` seconds of the first failure. The first `free` failures cost
+(normalised) within `window` seconds of the first failure. The first `free` failures cost
 nothing; after that each rejected login is answered after a delay that doubles from
 `base_delay` up to `max_delay` (`Reject.wait`: the session driver or nginx sleeps it). Above
 `lockout_after` failures the IP or the user is refused for `lockout` seconds without asking the
@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+from mailgate import names
 from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
 from mailgate.config import ThrottleSettings
@@ -294,5 +295,19 @@ def _ip_key(ip: str) -> str:
     return "ip:" + subscriber(ip)
 
 
+# Every name `mailgate.names` refuses counts as this one user: no spelling the directory
+# would refuse gets a budget of its own ("names" never starts a normalised user key).
+REFUSED_NAMES_KEY = "names:refused"
+
+
 def _user_key(user: str) -> str | None:
-    return "user:" + user.lower() if user else None
+    """The per-user counter of a name: `names.normalise` (local part lower-cased, as Dovecot's
+    %Lu), so "Victim@Example.COM " and "victim@example.com" count as one. Pass the identity the
+    directory matched (Route/Reject.identity) when there is one, else the name the client sent.
+    """
+    if not user:
+        return None
+    try:
+        return "user:" + names.normalise(user)
+    except names.BadName:
+        return REFUSED_NAMES_KEY

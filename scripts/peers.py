@@ -459,9 +459,14 @@ def start_nginx_http_auth(
     backend_port: int,
     backend_host: str = "127.0.0.1",
     status: str = "OK",
+    http_status: int = 200,
     name: str = "nginx-auth",
 ) -> Peer:
-    """An auth_http endpoint at /auth answering every request with one fixed route."""
+    """An auth_http endpoint at /auth answering every request with one fixed route.
+
+    `http_status` is the HTTP status of the answer: many real nginx auth locations answer
+    204 (No Content) with the Auth-* headers, which nginx's mail module reads all the same.
+    """
     tmp = (workdir / name / "tmp").resolve()
     temps = "".join(
         f"  {k}_temp_path {tmp}/{k};\n"
@@ -471,7 +476,7 @@ def start_nginx_http_auth(
     adds = "".join(f"      add_header {k} {v};\n" for k, v in headers.items())
     body = (
         f"http {{\n  access_log off;\n{temps}  server {{\n    listen 127.0.0.1:{port};\n"
-        f"    location = /auth {{\n{adds}      return 200;\n    }}\n  }}\n}}\n"
+        f"    location = /auth {{\n{adds}      return {http_status};\n    }}\n  }}\n}}\n"
     )
     return _start_nginx(workdir, name, body, {"http": port})
 
@@ -637,6 +642,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--auth-url", help="nginx-mail: host:port/path of auth_http")
     p.add_argument("--send-proxy", choices=sorted(SEND_PROXY), help="haproxy: header version")
+    p.add_argument("--http-status", type=int, help="nginx-auth: HTTP status of the answer")
     p.add_argument("--user", help="deliver: the recipient")
     p.add_argument("--subject", default="test message", help="deliver: the subject")
     return p

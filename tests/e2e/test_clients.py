@@ -3,9 +3,8 @@ gives it.
 
 Dovecot is the reference: every exchange here is run against a real Dovecot directly and
 through mailgate in front of it (the nginx auth_http answer with status 204 against nginx's
-mail module). Where mailgate differs on today's main the mailgate case is a strict xfail that
-names its issue item: it turns into a failure the moment the difference is fixed, so the
-marker is removed with the fix.
+mail module). These exchanges are the differences issue 7 item 5 found and fixed: mutt's
+empty initial response, unknown first commands, RFC 2971's largest ID, a 204 from auth_http.
 
 The users and the two stores are conftest's: Bob's message is only on store2, Alice's only
 on store1, so a subject read through mailgate proves where the login landed. The auth service
@@ -23,7 +22,6 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import peers  # on sys.path through tests/e2e/conftest.py
 import pytest
@@ -36,41 +34,6 @@ from .mutt_client import run_mutt
 # Client-side bound on every network wait: each step here takes milliseconds.
 CLIENT_TIMEOUT = 10.0
 CRLF = b"\r\n"
-
-# Why each mailgate case fails on today's main.
-MUTT_CRAM_MD5 = (
-    "issue 7 item 5: Debian's mutt (GNU SASL) sends 'a0000 AUTHENTICATE CRAM-MD5 ' (SASL-IR "
-    "with an empty initial response) and gets 'a0000 BAD Invalid base64 data'; Dovecot and "
-    "nginx send the challenge"
-)
-EMPTY_INITIAL_RESPONSE = (
-    "issue 7 item 5: an empty initial response, '=' (RFC 4959) or nothing after the space, "
-    "must read as no initial response in IMAP, POP3 and SMTP alike"
-)
-UNKNOWN_FIRST_COMMAND = (
-    "issue 7 item 5: an unknown or malformed first command gets BYE and a close instead of "
-    "BAD / -ERR with the session going on (RFC 9051, RFC 1939; Dovecot, nginx)"
-)
-ID_AT_RFC_LIMITS = (
-    "issue 7 item 5: ID with 30 pairs of 1024-octet values (one 31,807-byte line, RFC 2971 "
-    "section 3.3's limits; imaptest's id group) gets '* BYE Line too long'"
-)
-AUTH_HTTP_204 = (
-    "issue 7 item 5: an auth_http answer with HTTP status 204 is a temporary failure in "
-    "mailgate; nginx's mail module reads its Auth-* headers"
-)
-
-
-def known_failure(reason: str) -> pytest.MarkDecorator:
-    """The mark of a mailgate case that fails on main for `reason`."""
-    # raises=AssertionError: a timeout or a harness error is a real failure, not the known one.
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-def on_mailgate_xfail(reason: str) -> Any:
-    """The "mailgate" target of a differential test, failing on main for `reason`."""
-    return pytest.param("mailgate", marks=known_failure(reason))
-
 
 # --- the peers ------------------------------------------------------------------------------
 
@@ -150,9 +113,9 @@ def port_of(target: str, protocol: str, stores: DovecotStores, mg: MailgateProce
         ("dovecot", "cram-md5"),
         ("dovecot", None),
         ("dovecot", "plain"),
-        pytest.param("mailgate", "cram-md5", marks=known_failure(MUTT_CRAM_MD5)),
+        ("mailgate", "cram-md5"),
         # mutt's default: GNU SASL picks CRAM-MD5 over PLAIN when the server offers both.
-        pytest.param("mailgate", None, marks=known_failure(MUTT_CRAM_MD5)),
+        ("mailgate", None),
         ("mailgate", "plain"),
     ],
     ids=["dovecot-cram-md5", "dovecot-default", "dovecot-plain",
@@ -337,7 +300,7 @@ def plain_response(user: MailUser) -> bytes:
 
 
 @pytest.mark.parametrize("first", [b"a1 FROBNICATE", b"a1  NOOP"], ids=["unknown", "two-spaces"])
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(UNKNOWN_FIRST_COMMAND)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_imap_bad_first_command_gets_bad_and_the_session_goes_on(
     dovecot_stores: DovecotStores,
     mailgate: MailgateProcess,
@@ -353,7 +316,7 @@ def test_imap_bad_first_command_gets_bad_and_the_session_goes_on(
     assert w.line().startswith(b"a2 OK")
 
 
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(UNKNOWN_FIRST_COMMAND)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_pop3_unknown_first_command_gets_err_and_the_session_goes_on(
     dovecot_stores: DovecotStores, mailgate: MailgateProcess, wire: list[Wire], target: str
 ) -> None:
@@ -365,7 +328,7 @@ def test_pop3_unknown_first_command_gets_err_and_the_session_goes_on(
 
 
 @pytest.mark.parametrize("spelling", [b" ", b" ="], ids=["trailing-space", "equals"])
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(EMPTY_INITIAL_RESPONSE)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_imap_cram_md5_with_an_empty_initial_response_logs_in(
     dovecot_stores: DovecotStores,
     mailgate: MailgateProcess,
@@ -382,7 +345,7 @@ def test_imap_cram_md5_with_an_empty_initial_response_logs_in(
     assert reply[-1].startswith(b"a OK"), reply
 
 
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(EMPTY_INITIAL_RESPONSE)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_imap_plain_with_a_trailing_space_waits_for_the_response(
     dovecot_stores: DovecotStores, mailgate: MailgateProcess, wire: list[Wire], target: str
 ) -> None:
@@ -395,7 +358,7 @@ def test_imap_plain_with_a_trailing_space_waits_for_the_response(
 
 
 @pytest.mark.parametrize("spelling", [b" ", b" ="], ids=["trailing-space", "equals"])
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(EMPTY_INITIAL_RESPONSE)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_pop3_cram_md5_with_an_empty_initial_response_logs_in(
     dovecot_stores: DovecotStores,
     mailgate: MailgateProcess,
@@ -411,7 +374,7 @@ def test_pop3_cram_md5_with_an_empty_initial_response_logs_in(
     assert w.line().startswith(b"+OK")
 
 
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(EMPTY_INITIAL_RESPONSE)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_pop3_plain_with_a_trailing_space_waits_for_the_response(
     dovecot_stores: DovecotStores, mailgate: MailgateProcess, wire: list[Wire], target: str
 ) -> None:
@@ -425,7 +388,7 @@ def test_pop3_plain_with_a_trailing_space_waits_for_the_response(
 @pytest.mark.parametrize(
     ("target", "spelling"),
     [("dovecot", b" "), ("dovecot", b" ="), ("mailgate", b" "),
-     pytest.param("mailgate", b" =", marks=known_failure(EMPTY_INITIAL_RESPONSE))],
+     ("mailgate", b" =")],
     ids=["dovecot-trailing-space", "dovecot-equals", "mailgate-trailing-space", "mailgate-equals"],
 )  # fmt: skip
 def test_smtp_cram_md5_with_an_empty_initial_response_gets_the_challenge(
@@ -453,7 +416,7 @@ def id_at_rfc2971_limits() -> bytes:
     return b"a ID (" + b" ".join(pairs) + b")\r\n"
 
 
-@pytest.mark.parametrize("target", ["dovecot", on_mailgate_xfail(ID_AT_RFC_LIMITS)])
+@pytest.mark.parametrize("target", ["dovecot", "mailgate"])
 def test_imap_id_at_rfc2971_limits_is_answered(
     dovecot_stores: DovecotStores, mailgate: MailgateProcess, wire: list[Wire], target: str
 ) -> None:
@@ -502,7 +465,7 @@ def behind_auth_204(
         nginx.stop()
 
 
-@pytest.mark.parametrize("target", ["nginx", on_mailgate_xfail(AUTH_HTTP_204)])
+@pytest.mark.parametrize("target", ["nginx", "mailgate"])
 def test_auth_http_204_with_a_route_logs_in(
     behind_auth_204: dict[str, int], dovecot_stores: DovecotStores, target: str
 ) -> None:

@@ -8,9 +8,7 @@ exempt from MAILGATE_REQUIRE_PEERS (conftest.optional_tool): without IMAPTEST it
 
 The reference is Dovecot itself. Every group that passes against Dovecot directly must pass
 through mailgate in front of that same Dovecot: with auth_http and with the SQL directory, over
-plain IMAP and over implicit TLS. The groups that fail through mailgate today are listed in
-KNOWN_FAILURES with their issue item; a strict xfail test fails the moment one of them passes,
-so that the list stays true.
+plain IMAP and over implicit TLS. (The `id` group failed through mailgate until issue 7.)
 """
 
 from __future__ import annotations
@@ -45,11 +43,6 @@ STRESS_SECONDS = 5
 DOVECOT_LIBDIR = Path("/usr/lib/dovecot")
 MODES = ("auth_http", "directory")
 TRANSPORTS = ("plain", "tls")
-# Groups that fail through mailgate but pass against Dovecot, on today's main.
-KNOWN_FAILURES = {
-    "id": "issue 7 item 5: a pre-login ID of 30 pairs with 1024-octet values (one 31,807-byte "
-    "line, RFC 2971's limits) gets '* BYE Line too long' and a close",
-}
 
 _SUMMARY = re.compile(r"^(\d+) test groups: (\d+) failed, (\d+) skipped", re.MULTILINE)
 _FAILED_GROUP = re.compile(r"^\*\*\* Test (\S+) ", re.MULTILINE)
@@ -245,17 +238,8 @@ def test_every_group_passing_on_dovecot_passes_through_mailgate(
     assert direct.groups > 10, f"imaptest ran only {direct.groups} groups:\n{direct.output}"
     through = results.proxied(mode, transport)
     assert through.groups == direct.groups, through.output[-3000:]
-    broken = set(through.failed - direct.failed - KNOWN_FAILURES.keys())
+    broken = set(through.failed - direct.failed)
     assert not broken, f"fail only through mailgate: {sorted(broken)}\n{through.explain(broken)}"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="; ".join(KNOWN_FAILURES.values()))
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("mode", MODES)
-def test_known_failures_pass_through_mailgate(results: Results, mode: str, transport: str) -> None:
-    direct, through = results.direct(transport), results.proxied(mode, transport)
-    still = set((through.failed & KNOWN_FAILURES.keys()) - direct.failed)
-    assert not still, f"still failing through mailgate: {sorted(still)}\n{through.explain(still)}"
 
 
 # --- the stress run ------------------------------------------------------------------------------

@@ -429,7 +429,7 @@ def test_tags_are_echoed_exactly(tag: bytes) -> None:
         (b" NOOP", b"* BAD Invalid tag\r\n"),
         (b"", b"* BAD Empty command line\r\n"),
         (b"t1", b"* BAD Missing command\r\n"),  # a lone word may be a credential
-        (b"t1 (", b"* BAD Missing command\r\n"),
+        (b"t1 (", b"t1 BAD Missing or malformed command\r\n"),
         (b"t1 FROB", b"t1 BAD Unknown command\r\n"),
         (b"t1 SELECT INBOX", b"t1 BAD Command not allowed before login\r\n"),
         (b"t1 NOOP {3}", b"t1 BAD Syntax error\r\n"),  # no "+ OK" for a command without strings

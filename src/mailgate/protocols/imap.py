@@ -84,6 +84,7 @@ LOGOUT_BYE = b"* BYE Logging out\r\n"
 ID_REPLY = b"* ID NIL\r\n"
 # Tagged replies: the client's tag goes before each.
 UNKNOWN = b" BAD Unknown command\r\n"
+BAD_VERB = b" BAD Missing or malformed command\r\n"
 NOT_ALLOWED = b" BAD Command not allowed before login\r\n"
 SYNTAX = b" BAD Syntax error\r\n"
 LITERAL_TOO_LARGE = b" BAD Literal too large\r\n"
@@ -195,11 +196,17 @@ class ImapCore(PreAuthCore):
         self._nonsync = header is not None and not header.sync
         reader = wire.Reader(line)
         try:
-            self._tag = reader.tag()
+            tag = reader.tag()
             reader.sp()
+        except wire.WireError:
+            # No "tag SP": perhaps a SASL response sent without waiting for "+", whose "tag"
+            # may be a credential, so it is not echoed.
+            raise BadCommand(MISSING if reader.pos else BAD_TAG) from None
+        self._tag = tag
+        try:
             verb = reader.atom().decode("ascii").upper()
         except wire.WireError:
-            raise BadCommand(MISSING if self._tag else BAD_TAG) from None
+            raise BadCommand(tag + BAD_VERB) from None
         if verb not in PRE_AUTH_COMMANDS:
             raise BadCommand(self._tag + (NOT_ALLOWED if verb in POST_AUTH_COMMANDS else UNKNOWN))
         self._verb, self._args_at = verb, reader.pos

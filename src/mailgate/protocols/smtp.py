@@ -48,9 +48,10 @@ _CORE_CAPS = frozenset({"STARTTLS", "AUTH"})
 
 # RFC 5321 4.5.3.1.4: a command line is 512 octets with its CRLF; RFC 1869 4.1.2 lets service
 # extensions lengthen MAIL and RCPT, and RFC 3461 (DSN) adds up to 500 octets of NOTIFY/ORCPT
-# to RCPT. 512 + 500, rounded up. AUTH lines are exempt: RFC 4954 section 4 allows 12288
-# octets for an initial response, and they are bounded by policy.max_line instead.
-MAX_COMMAND_LINE = 1024
+# to RCPT: 1012. Postfix accepts 2048 (line_length_limit) and real clients send longer MAIL
+# lines than 1024 (many ESMTP parameters), so ours is Postfix's. AUTH lines are exempt:
+# RFC 4954 section 4 allows 12288 octets for an initial response; policy.max_line bounds them.
+MAX_COMMAND_LINE = 2048
 # RFC 5321 4.5.3.1.2: a domain is at most 255 octets; so is the EHLO/HELO argument.
 MAX_HELO = 255
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.

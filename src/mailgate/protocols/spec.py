@@ -116,7 +116,7 @@ SMTP = ProtocolSpec(
     default_auth=("plain", "login"),
     # 35882577 is nginx's and Postfix's customary SIZE; an operator sets the backend's own.
     default_capabilities=("SIZE 35882577", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
-    default_greeting="mailgate ESMTP",
+    default_greeting="ready",  # after "220 <hostname> ESMTP "
     # RFC 4954 4: an AUTH line with its initial response may be 12288 octets.
     default_max_line=16 * 1024,
 )

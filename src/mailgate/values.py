@@ -180,6 +180,7 @@ class CloseReason(Enum):
     BUSY = "max_sessions reached"
     HANDSHAKE_LIMIT = "too many tls handshakes"
     HANDSHAKE_FAILED = "tls handshake failed"
+    SESSION_LIMIT = "session limit"  # per_user, per_user_ip or per_ip (SMTP's 421)
     # After login.
     BACKEND_CLOSED = "backend closed"  # the backend said goodbye (LOGOUT, QUIT, 221)
     BACKEND_LOST = "backend lost"  # the backend went away without the protocol's goodbye

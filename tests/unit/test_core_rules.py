@@ -12,7 +12,15 @@ from dataclasses import dataclass, replace
 import pytest
 
 from mailgate.protocols.core import PreAuthCore, State
-from mailgate.protocols.events import Authenticate, Close, Event, Rejected, Send, Unavailable
+from mailgate.protocols.events import (
+    Authenticate,
+    Close,
+    Event,
+    Limited,
+    Rejected,
+    Send,
+    Unavailable,
+)
 from mailgate.protocols.policy import PreAuthPolicy
 from mailgate.protocols.spec import SPECS
 from mailgate.values import CloseReason
@@ -165,3 +173,21 @@ def test_one_command_at_a_time(words: Words) -> None:
     while step := core.next_events():
         steps.append(step)
     assert len(steps) == 3
+
+
+@pytest.mark.parametrize(
+    ("words", "reply"),
+    [
+        (PROTOCOLS[0], b"a NO [LIMIT] Too many sessions, try again later\r\n"),
+        (PROTOCOLS[1], b"-ERR [IN-USE] Too many sessions, try again later\r\n"),
+        (PROTOCOLS[2], b"421 4.7.0 Too many sessions, try again later\r\n"),
+    ],
+    ids=ids,
+)
+def test_a_session_limit_is_a_temporary_refusal_that_says_so(words: Words, reply: bytes) -> None:
+    core = make(words)
+    login(core, words)
+    events = core.finish_login(Limited())
+    assert sent(events) == reply
+    # SMTP's 421 closes; IMAP and POP3 clients may try again in the session.
+    assert (core.state is State.CLOSED) == (words.name == "smtp")

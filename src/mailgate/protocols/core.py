@@ -31,6 +31,7 @@ from mailgate.protocols.events import (
     BadCommand,
     Close,
     Event,
+    Limited,
     LoggedIn,
     LoginOutcome,
     ProtocolError,
@@ -89,6 +90,8 @@ class PreAuthCore:
     FOREIGN: ClassVar[bytes]  # to input that is another protocol
     # Added to the last failure reply when max_auth_attempts is reached (b"": nothing more).
     TOO_MANY_FAILURES: ClassVar[bytes] = b""
+    # A session limit's refusal ends the session (SMTP's 421) rather than inviting a retry.
+    LIMIT_CLOSES: ClassVar[bool] = False
     # A line that starts with one of these words is an SMTP client on the wrong port.
     FOREIGN_VERBS: ClassVar[frozenset[bytes]] = frozenset({b"EHLO", b"HELO"})
 
@@ -182,6 +185,11 @@ class PreAuthCore:
         self._failures += 1
         if isinstance(outcome, Rejected):
             reply = self._rejected_reply(outcome)
+        elif isinstance(outcome, Limited):
+            reply = self._limited_reply()
+            if self.LIMIT_CLOSES:
+                self._close()
+                return [Send(reply), Close(CloseReason.SESSION_LIMIT)]
         else:
             reply = self._unavailable_reply()
         self.state = State.COMMAND
@@ -284,6 +292,9 @@ class PreAuthCore:
         raise NotImplementedError
 
     def _unavailable_reply(self) -> bytes:
+        raise NotImplementedError
+
+    def _limited_reply(self) -> bytes:
         raise NotImplementedError
 
     # --- SASL -----------------------------------------------------------------------------

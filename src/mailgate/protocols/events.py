@@ -95,7 +95,13 @@ class Unavailable:
     """Auth service or backend could not be reached or answered garbage: a temporary failure."""
 
 
-LoginOutcome = LoggedIn | Rejected | Unavailable
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """A session limit (per user, per user and address, per address) refuses the login: a
+    temporary failure that says so (RFC 5530 [LIMIT], RFC 3206 [IN-USE])."""
+
+
+LoginOutcome = LoggedIn | Rejected | Unavailable | Limited
 
 
 class ProtocolError(Exception):

@@ -99,6 +99,7 @@ LOGIN_DISABLED = b" NO [CANNOT] LOGIN is disabled\r\n"
 BAD_MECH = b" NO [CANNOT] Unsupported authentication mechanism\r\n"
 AUTH_FAILED = b" NO [AUTHENTICATIONFAILED] "
 TEMP_FAIL = b" NO [UNAVAILABLE] Service temporarily unavailable, try again later\r\n"
+LIMITED = b" NO [LIMIT] Too many sessions, try again later\r\n"  # RFC 5530
 DEFAULT_REASON = "Authentication failed."
 
 
@@ -167,6 +168,9 @@ class ImapCore(PreAuthCore):
 
     def _unavailable_reply(self) -> bytes:
         return self._tag + TEMP_FAIL
+
+    def _limited_reply(self) -> bytes:
+        return self._tag + LIMITED
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ FOREIGN = b"-ERR This is a POP3 server\r\n"  # to HTTP, SMTP or TLS bytes (ALPAC
 LINE_TOO_LONG = b"-ERR Line too long\r\n"
 FLOODED = b"-ERR Too much pipelined input\r\n"
 TEMP_FAIL = b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n"
+LIMITED = b"-ERR [IN-USE] Too many sessions, try again later\r\n"  # RFC 3206
 AUTH_FAIL_PREFIX = b"-ERR [AUTH] "
 DEFAULT_REASON = "Authentication failed"
 
@@ -124,6 +125,9 @@ class Pop3Core(PreAuthCore):
 
     def _unavailable_reply(self) -> bytes:
         return TEMP_FAIL
+
+    def _limited_reply(self) -> bytes:
+        return LIMITED
 
     # --- helpers -------------------------------------------------------------------------------
 

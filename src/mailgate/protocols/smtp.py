@@ -93,6 +93,8 @@ NOT_SMTP = b"521 5.5.1 Protocol error\r\n"
 TOO_MANY = b"421 4.7.0 Too many errors, closing connection\r\n"
 FLOODED = b"421 4.7.0 Too much pipelined input, closing connection\r\n"
 TEMP_AUTH = b"454 4.7.0 Temporary authentication failure\r\n"  # RFC 4954 section 6
+LIMITED = b"421 4.7.0 Too many sessions, try again later\r\n"
+LIMITED_RELAY = b"451 4.7.0 Too many sessions, try again later\r\n"
 # RFC 5321 4.3.2 allows no 454 after RCPT: a relay's temporary failure is a 451.
 TEMP_RELAY = b"451 4.3.0 Temporary failure, please try again later\r\n"
 AUTH_FAIL_CODE = "535 5.7.8"  # RFC 4954 section 6: authentication credentials invalid
@@ -132,6 +134,8 @@ FOREIGN = b"521 5.5.1 Protocol error\r\n"  # to HTTP or TLS bytes (ALPACA)
 TOO_MANY = b"421 4.7.0 Too many errors, closing connection\r\n"
 FLOODED = b"421 4.7.0 Too much pipelined input, closing connection\r\n"
 TEMP_AUTH = b"454 4.7.0 Temporary authentication failure\r\n"  # RFC 4954 section 6
+LIMITED = b"421 4.7.0 Too many sessions, try again later\r\n"
+LIMITED_RELAY = b"451 4.7.0 Too many sessions, try again later\r\n"
 # RFC 5321 4.3.2 allows no 454 after RCPT: a relay's temporary failure is a 451.
 TEMP_RELAY = b"451 4.3.0 Temporary failure, please try again later\r\n"
 AUTH_FAIL_CODE = "535 5.7.8"  # RFC 4954 section 6: authentication credentials invalid
@@ -151,6 +155,7 @@ class SmtpCore(PreAuthCore):
     FLOODED = FLOODED
     FOREIGN = FOREIGN
     FOREIGN_VERBS = FORBIDDEN
+    LIMIT_CLOSES = True  # 421: the client comes back later rather than AUTH again now
 
     def __init__(self, policy: PreAuthPolicy, salt: str) -> None:
         super().__init__(policy, salt)
@@ -211,6 +216,9 @@ class SmtpCore(PreAuthCore):
 
     def _unavailable_reply(self) -> bytes:
         return TEMP_RELAY if self._relay_login else TEMP_AUTH
+
+    def _limited_reply(self) -> bytes:
+        return LIMITED_RELAY if self._relay_login else LIMITED
 
     # --- helpers -------------------------------------------------------------------------------
 

@@ -46,9 +46,9 @@ def running_proxy(raw: dict[str, Any], base_dir: Path | None = None) -> Iterator
     raw.setdefault("throttle", {"enabled": False})
     raw.setdefault("shutdown_timeout", 1.0)
     settings = config.parse(raw, base_dir=base_dir or Path("."))
-    sockets = [server.bind(lst, reuse_port=False) for lst in settings.listeners]
+    sockets = [server.bind(lst) for lst in settings.listeners]
     ports = [s.getsockname()[1] for s in sockets]
-    loop = server._new_loop()
+    loop = server.new_loop()
     worker = server.Worker(settings, sockets, handle_signals=False)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -16,12 +16,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load(args.config)
-    if (
-        settings.metrics_listen
-        and settings.workers > 1
-        and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-    ):
-        # Must be set before prometheus_client is first imported (by the server module).
+    if settings.metrics_listen and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Workers count and the supervisor serves: prometheus_client's multiprocess mode,
+        # which must be set before prometheus_client is first imported (by the server module).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mailgate-metrics-")
     from mailgate import server
 
@@ -66,7 +63,7 @@ def _auth_server(args: argparse.Namespace) -> int:
         finally:
             await authenticator.close()
 
-    loop = server._new_loop()
+    loop = server.new_loop()
     try:
         loop.run_until_complete(run())
     except KeyboardInterrupt:
@@ -118,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nginx.add_argument("file", metavar="FILE", help="nginx.conf (includes are followed)")
     nginx.set_defaults(needs_config=False)
+    from mailgate import cli_control
+
+    cli_control.register(sub, load_settings)
     try:
         from mailgate import cli_admin
     except ImportError:  # the directory's extra dependencies are not installed

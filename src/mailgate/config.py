@@ -161,7 +161,13 @@ class ThrottleSettings:
     lockout_after: int = 20
     lockout: float = 300.0
     window: float = 900.0
-    redis_url: str | None = None  # share counters between hosts
+    # Distinct users an address may fail to log in as within `window` before its failures
+    # get max_delay (password spraying: one guess each for many users). 0 = off.
+    per_ip_users: int = 20
+    # Logins being decided at once for one user / from one address. A mail client opens up
+    # to ~10 connections at start; over the bound a login gets a temporary failure.
+    concurrent_per_user: int = 16
+    concurrent_per_ip: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,22 @@ class LimitsSettings:
     handshakes: int = 1000
     # ... and per client address (IPv6: per /64), so one address cannot take all of them.
     handshakes_per_ip: int = 32
+    # Logged-in sessions at once, per node (per cluster with [cluster] redis_url); 0 = none.
+    # Dovecot's mail_max_userip_connections is per user and address.
+    per_user: int = 0
+    per_user_ip: int = 0
+    per_ip: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Shared state of several mailgate nodes in Redis (docs/scale-out.md)."""
+
+    redis_url: str | None = None  # None: each node counts alone (its workers share)
+    node_name: str = ""  # "" = the host name; names this node's leases and sessions
+    # A node's leases and sessions live this long without its heartbeat: a node that dies
+    # frees its users' sessions within one lease.
+    lease: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +215,18 @@ class Settings:
     throttle: ThrottleSettings
     auth_server: AuthServerSettings
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     workers: int = 1
     # Sessions one worker holds at once (nginx: worker_connections); 0 = derived from the
     # open-file limit at start, each proxied session costing two descriptors.
     max_sessions: int = 0
     hostname: str = "localhost"
     shutdown_timeout: float = 30.0
+    # After a reload, old workers finish their relayed sessions for at most this long.
+    reload_drain_timeout: float = 3600.0
+    # The operator's Unix socket (mailgate who, kick, reload ...); None: mailgate.sock beside
+    # the configuration file.
+    control_socket: Path | None = None
     log_level: str = "info"
     # None: stderr (journald, docker). A file is reopened by logsetup.reopen() for logrotate.
     log_file: Path | None = None
@@ -207,6 +235,13 @@ class Settings:
     # Clients on these networks are trusted (issue 8: e.g. exempt from throttling).
     trusted_networks: NetworkList = EMPTY
     source: Path | None = None
+
+
+def control_socket_path(settings: Settings) -> Path | None:
+    """Where the control socket is: the setting, else mailgate.sock beside the config file."""
+    if settings.control_socket is not None:
+        return settings.control_socket
+    return settings.source.parent / "mailgate.sock" if settings.source is not None else None
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -248,10 +283,13 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         throttle=_throttle(t.table("throttle")),
         auth_server=_auth_server(t.table("auth_server")),
         limits=_limits(t.table("limits")),
+        cluster=_cluster(t.table("cluster"), t.table("throttle").raw.get("redis_url")),
         workers=_workers(t.get("workers", (int, str), 1)),
         max_sessions=t.integer("max_sessions", 0),
         hostname=t.get("hostname", str, "localhost"),
         shutdown_timeout=t.timeout("shutdown_timeout", 30.0),
+        reload_drain_timeout=t.timeout("reload_drain_timeout", 3600.0),
+        control_socket=t.path("control_socket"),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         log_file=t.path("log_file"),
         metrics_listen=t.get("metrics_listen", str, None),
@@ -441,9 +479,15 @@ def _throttle(t: _Table) -> ThrottleSettings:
         max_delay=t.number("max_delay", d.max_delay),
         lockout_after=t.integer("lockout_after", d.lockout_after),
         lockout=t.number("lockout", d.lockout),
-        window=t.number("window", d.window),
-        redis_url=t.get("redis_url", str, None),
+        window=t.timeout("window", d.window),
+        per_ip_users=t.integer("per_ip_users", d.per_ip_users),
+        concurrent_per_user=t.integer("concurrent_per_user", d.concurrent_per_user),
+        concurrent_per_ip=t.integer("concurrent_per_ip", d.concurrent_per_ip),
     )
+    t.seen.add("redis_url")  # an alias of [cluster] redis_url, read there
+    for name in ("concurrent_per_user", "concurrent_per_ip"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{t.key(name)}: must be at least 1")
     t.check_unknown()
     return settings
 
@@ -453,10 +497,31 @@ def _limits(t: _Table) -> LimitsSettings:
     settings = LimitsSettings(
         handshakes=t.integer("handshakes", d.handshakes),
         handshakes_per_ip=t.integer("handshakes_per_ip", d.handshakes_per_ip),
+        per_user=t.integer("per_user", d.per_user),
+        per_user_ip=t.integer("per_user_ip", d.per_user_ip),
+        per_ip=t.integer("per_ip", d.per_ip),
     )
     for name in ("handshakes", "handshakes_per_ip"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"{t.key(name)}: must be at least 1")
+    t.check_unknown()
+    return settings
+
+
+def _cluster(t: _Table, throttle_redis_url: object) -> ClusterSettings:
+    d = ClusterSettings()
+    url = t.get("redis_url", str, None)
+    if url is None and throttle_redis_url is not None:  # [throttle] redis_url, the old name
+        if not isinstance(throttle_redis_url, str):
+            raise ConfigError("throttle.redis_url: must be str")
+        url = throttle_redis_url
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{t.key('redis_url')}: must be a redis://, rediss:// or unix:// URL")
+    settings = ClusterSettings(
+        redis_url=url,
+        node_name=t.get("node_name", str, d.node_name),
+        lease=t.timeout("lease", d.lease),
+    )
     t.check_unknown()
     return settings
 

@@ -15,6 +15,13 @@ LOGINS = Counter(
     "Login attempts, by protocol and result (ok, rejected, tempfail, backend_error)",
     ["protocol", "result"],
 )
+THROTTLE = Counter(
+    "mailgate_throttle_actions_total",
+    "Throttle decisions: locked, budget, concurrent (refused before the check), lockout "
+    "(a lock-out began), delayed, spraying",
+    ["action"],
+)
+RELOADS = Counter("mailgate_reloads_total", "Reloads, by result (ok, failed)", ["result"])
 BYTES = Counter(
     "mailgate_relay_bytes_total", "Bytes relayed after login", ["protocol", "direction"]
 )

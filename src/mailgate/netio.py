@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from mailgate.protocols.events import Send, StartTLS
+from mailgate.protocols.proxy_protocol import ProxyHeader
 
 # The largest read: the longest pre-auth line is longer, but it arrives over several reads
 # into the core's own bounded line buffer; a bigger read would only hold more per session.
@@ -54,6 +55,7 @@ class Channel(asyncio.BufferedProtocol):
         "_write_paused",
         "on_lost",
         "on_made",
+        "origin",
         "transport",
     )
 
@@ -62,6 +64,8 @@ class Channel(asyncio.BufferedProtocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_made = on_made  # called once connected (the worker admits the session there)
         self.on_lost: Callable[[], None] | None = None  # called once the descriptor is closed
+        # The PROXY protocol header the connection began with (the real client), if any.
+        self.origin: ProxyHeader | None = None
         self._pending = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None

@@ -8,7 +8,7 @@ binding or connecting anything:
   check ...`), and each key matches its certificate;
 - the directory's database driver is installed and is an asyncio driver (SQLAlchemy would
   otherwise fail at the first login, which the client sees as `NO [UNAVAILABLE]`), and so is
-  the redis client when throttle.redis_url is set;
+  the redis client when cluster.redis_url (or throttle.redis_url) is set;
 - log_file can be opened for appending.
 
 A listener address that cannot be bound is not a problem here: the running server may hold
@@ -125,11 +125,11 @@ def _drivers(settings: Settings) -> list[str]:
     found: list[str] = []
     if settings.directory is not None:
         found += [p for p in [_database_driver(settings.directory.url)] if p]
-    if settings.throttle.enabled and settings.throttle.redis_url:
+    if settings.cluster.redis_url:
         try:
             importlib.import_module("redis.asyncio")
         except ImportError:
-            found.append(f"throttle.redis_url: the redis client is not installed: {_pip('redis')}")
+            found.append(f"cluster.redis_url: the redis client is not installed: {_pip('redis')}")
     return found
 
 

@@ -1,11 +1,15 @@
-"""Process lifecycle: bind listeners, run one or more workers, shut down in bounded steps.
+"""Workers: one event loop each, serving every listener, and what they share.
 
-With `workers = 1` everything runs in this process. With more, the supervisor binds each
-address once (so port 0 and bad addresses fail early, in one place), then forks workers; each
-worker opens its own SO_REUSEPORT socket on the same address, so the kernel spreads new
-connections across workers. Signal handlers only record the signal; the loop acts on it.
-Shutdown: stop accepting, say goodbye to sessions still logging in, give relays
-`shutdown_timeout` to finish, then cut the rest and log how many.
+`mailgate serve` runs a supervisor (supervisor.py) that binds every listener once and forks
+`workers` worker processes, which inherit the listening sockets and share them (as nginx's
+workers do: a reload starts new workers on the same sockets and lets the old ones drain, and
+no connection waiting in a listen queue is lost). A worker talks to its supervisor over a
+link: the node's shared state (login budgets, session counts) lives there, and the operator's
+commands (who, kick, drain, flush) arrive from there.
+
+Shutdown of a worker: stop accepting, say goodbye to sessions still logging in, give relays
+their time (`shutdown_timeout`, or `reload_drain_timeout` when draining after a reload), then
+cut the rest and log how many.
 """
 
 from __future__ import annotations
@@ -19,42 +23,46 @@ import resource
 import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Iterable
+from typing import Any
 
-from mailgate import metrics, tls
+from mailgate import logsetup, metrics, tls
+from mailgate import preflight as preflight_checks
+from mailgate.auth import Authenticator
 from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
 from mailgate.config import ConfigError, ListenerSettings, Settings
-from mailgate.netio import Channel
+from mailgate.link import Link
+from mailgate.link import connect as link_connect
+from mailgate.netio import Channel, expire_waiter
+from mailgate.nodestate import NodeState
 from mailgate.protocols.policy import PreAuthPolicy
+from mailgate.protocols.proxy_protocol import (
+    MAX_V2_HEADER,
+    HeaderParsed,
+    ProxyHeader,
+    ProxyProtocolError,
+    parse_header,
+)
 from mailgate.protocols.spec import SPECS
 from mailgate.ratelog import RateLimitedLog
 from mailgate.session import Handshakes, ListenerContext, Session, Sessions
+from mailgate.statestore import Fallback, LocalStore, RemoteStore, Store
 
 log = logging.getLogger("mailgate.server")
 _refusals = RateLimitedLog(log)
 
 # A listen backlog large enough for a login storm after a network blip (nginx uses 511).
 BACKLOG = 511
-# How long the supervisor waits for a worker to exit after SIGTERM before SIGKILL, beyond
-# the workers' own shutdown_timeout.
-KILL_GRACE = 5.0
-# A worker that dies is restarted, but not in a tight loop: more than this many deaths, each
-# within RESTART_WINDOW seconds of the previous one, means something is broken for good.
-MAX_QUICK_RESTARTS = 5
-RESTART_WINDOW = 10.0
 
 
-def bind(listener: ListenerSettings, port: int | None = None, *, reuse_port: bool) -> socket.socket:
+def bind(listener: ListenerSettings, port: int | None = None) -> socket.socket:
     host = listener.host or "::"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and not listener.host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "*" means v4 and v6
         sock.bind((host, listener.port if port is None else port))
@@ -97,35 +105,73 @@ def backend_options(settings: Settings) -> BackendOptions:
 
 
 class Worker:
-    """One event loop serving every listener."""
+    """One event loop serving every listener.
+
+    `link` is the worker's end of its supervisor link (None: a worker alone, as the tests run
+    it in a thread, counting in this process); `index` numbers it for its leases."""
 
     def __init__(
-        self, settings: Settings, sockets: list[socket.socket], *, handle_signals: bool = True
+        self,
+        settings: Settings,
+        sockets: list[socket.socket],
+        *,
+        handle_signals: bool = True,
+        link: socket.socket | None = None,
+        index: int = 0,
     ) -> None:
         self.settings = settings
         self.handle_signals = handle_signals
         self.sockets = sockets
+        self.link_socket = link
+        self.index = index
+        self.link: Link | None = None
         self.sessions = Sessions()
         self.handshakes = Handshakes(settings.limits)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
+        self.drain_for: float | None = None  # set by the supervisor after a reload
         self.ready = False  # True once every listener accepts
         self.max_sessions = settings.max_sessions or session_capacity()
         # Client connections whose descriptor is open, from accept to close: pre-auth,
         # relayed, refused and lingering ones alike.
         self.connections = 0
+        self.authenticator: Authenticator | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        authenticator = build_authenticator(self.settings)
+        store = await self._store()
+        self.authenticator = authenticator = build_authenticator(self.settings, store)
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
-            loop.add_signal_handler(signal.SIGHUP, _reload_unsupported)
+        servers = await self._listen(store)
+        self.ready = True
+        if self.link is not None:
+            self.link.notify("ready", os.getpid())
+        await self.stop.wait()
+        if self.drain_for is not None:
+            await self._drain(servers, self.drain_for)
+        else:
+            await self._shutdown(servers, self.settings.shutdown_timeout)
+        await authenticator.close()
+        if self.link is not None:
+            self.link.close()
+
+    async def _store(self) -> Store:
+        local = LocalStore(NodeState(self.settings.throttle, self.settings.limits), self.index)
+        if self.link_socket is None:
+            return local
+        self.link = await link_connect(self.link_socket, self._from_supervisor, "supervisor")
+        self.link.closed_callback = self._supervisor_gone
+        return Fallback(RemoteStore(self.link), local, "the supervisor's state")
+
+    async def _listen(self, store: Store) -> list[asyncio.Server | Acceptor]:
+        loop = asyncio.get_running_loop()
+        assert self.authenticator is not None
         server_tls = tls.server_context(self.settings.tls)
         backend = backend_options(self.settings)
-        servers: list[asyncio.Server | TlsListener] = []
+        servers: list[asyncio.Server | Acceptor] = []
         for listener, sock in zip(self.settings.listeners, self.sockets, strict=True):
             ctx = ListenerContext(
                 listener=listener,
@@ -135,13 +181,16 @@ class Worker:
                 server_tls=server_tls,
                 handshake_timeout=self.settings.tls.handshake_timeout,
                 backend=backend,
-                authenticator=authenticator,
+                authenticator=self.authenticator,
                 hostname=self.settings.hostname,
                 sessions=self.sessions,
                 handshakes=self.handshakes,
+                store=store,
+                limits=self.settings.limits,
+                trusted=self.settings.trusted_networks,
             )
-            if listener.tls == "implicit":
-                servers.append(TlsListener(self, ctx, sock))
+            if listener.tls == "implicit" or listener.proxy_protocol:
+                servers.append(Acceptor(self, ctx, sock))
                 continue
             servers.append(
                 await loop.create_server(
@@ -150,10 +199,7 @@ class Worker:
                     backlog=BACKLOG,
                 )
             )
-        self.ready = True
-        await self.stop.wait()
-        await self._shutdown(servers)
-        await authenticator.close()
+        return servers
 
     def _accept(self, ctx: ListenerContext, chan: Channel) -> None:
         """A plaintext connection (STARTTLS listeners included) is made."""
@@ -183,38 +229,92 @@ class Worker:
             ctx.listener.address,
         )
 
-    async def _shutdown(self, servers: Iterable[asyncio.Server | TlsListener]) -> None:
+    # --- the supervisor's requests ----------------------------------------------------------
+
+    def _from_supervisor(self, op: str, args: list[Any]) -> Any:
+        if op == "who":
+            return self.sessions.describe(*args)
+        if op == "kick":
+            return self.sessions.kick(*args)
+        if op == "stats":
+            return self.stats()
+        if op == "drain":
+            self.drain_for = float(args[0])
+            self.stop.set()
+            return self.stats()
+        if op == "flush" and self.authenticator is not None:
+            _flush(self.authenticator)
+            return True
+        if op == "reopen":
+            return logsetup.reopen()
+        raise ValueError(f"unknown request {op!r}")
+
+    def _supervisor_gone(self) -> None:
+        if not self.stop.is_set():
+            log.error("worker %d: the supervisor is gone; shutting down", os.getpid())
+            self.stop.set()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pid": os.getpid(),
+            "relayed": len(self.sessions.relays),
+            "logging_in": len(self.sessions.preauth),
+            "connections": self.connections,
+            "handshakes": self.handshakes.total,
+        }
+
+    # --- the end -----------------------------------------------------------------------------
+
+    async def _drain(self, servers: Iterable[asyncio.Server | Acceptor], limit: float) -> None:
+        """After a reload: stop accepting and let every session finish, for `limit` at most."""
+        for server in servers:
+            server.close()  # the new workers accept on the same sockets
+        held = self.stats()
+        log.info(
+            "worker %d draining: %d relayed sessions, %d logging in (at most %.0fs)",
+            os.getpid(),
+            held["relayed"],
+            held["logging_in"],
+            limit,
+        )
+        deadline = time.monotonic() + limit
+        while (self.tasks or self.sessions.relays) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await self._shutdown((), 0.0)
+
+    async def _shutdown(self, servers: Iterable[asyncio.Server | Acceptor], grace: float) -> None:
         for server in servers:
             server.close()  # stop accepting; open connections live on
         for task in list(self.tasks):
             task.cancel()  # pre-auth sessions get their goodbye in Session.run
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=2.0)
-        deadline = time.monotonic() + self.settings.shutdown_timeout
+        deadline = time.monotonic() + grace
         while self.sessions.relays and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         cut = len(self.sessions.relays)
         for relay in list(self.sessions.relays):
             relay.shutdown()
         if cut:
-            log.warning(
-                "shutdown: cut %d relayed sessions after %.0fs", cut, self.settings.shutdown_timeout
-            )
+            log.warning("worker %d: cut %d relayed sessions", os.getpid(), cut)
             await asyncio.sleep(0.1)  # let the goodbyes flush
 
 
-class TlsListener:
-    """An implicit-TLS listener (993, 995, 465) that accepts by itself, so that a connection
-    is counted from accept and its handshake is bounded, in all and per client address, before
-    any TLS work is done for it. (With create_server(ssl=...) the session would exist only
-    once the handshake is over: stalled handshakes were counted nowhere.)"""
+class Acceptor:
+    """A listener that accepts by itself: implicit TLS (993, 995, 465) and PROXY protocol
+    listeners. A connection is counted from accept; a PROXY header is read (and its sender
+    checked against `trusted_proxies`) before anything else; a TLS handshake is bounded, in all
+    and per client address, before any TLS work is done for it. (With create_server(ssl=...)
+    the session would exist only once the handshake was over: stalled handshakes were counted
+    nowhere.) Plaintext listeners without PROXY protocol use create_server, the fast path."""
 
     def __init__(self, worker: Worker, ctx: ListenerContext, sock: socket.socket) -> None:
         self.worker = worker
         self.ctx = ctx
         self.sock = sock
+        self.tls = ctx.listener.tls == "implicit"
+        self.proxied = ctx.listener.proxy_protocol
         self.loop = asyncio.get_running_loop()
-        sock.listen(BACKLOG)
         self.loop.add_reader(sock.fileno(), self._accept_ready)
 
     def close(self) -> None:
@@ -231,50 +331,150 @@ class TlsListener:
                 return
             self._admit(conn, str(peer[0]))
 
-    def _admit(self, conn: socket.socket, ip: str) -> None:
+    def _admit(self, conn: socket.socket, peer: str) -> None:
         worker, ctx = self.worker, self.ctx
         if worker.connections >= worker.max_sessions:
+            if not self.tls:
+                with contextlib.suppress(OSError):
+                    conn.send(ctx.spec.goodbyes.busy)
             conn.close()  # a client expecting a handshake can only be closed
             worker.refused_busy(ctx)
             return
-        if not ctx.handshakes.begin(ip):
+        if self.proxied and peer not in ctx.listener.trusted_proxies:
             conn.close()
-            _refusals.warning("refusing a TLS handshake from %s: too many in progress", ip)
-            metrics.count(metrics.SESSIONS, ctx.listener.protocol, "too many tls handshakes")
+            _refusals.warning(
+                "refusing a connection to %s from %s: not in trusted_proxies",
+                ctx.listener.address,
+                peer,
+            )
+            metrics.count(metrics.SESSIONS, ctx.listener.protocol, "untrusted proxy")
+            return
+        if self.tls and not self.proxied and not self._begin_handshake(peer):
+            conn.close()
             return
         worker.connections += 1
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = self.loop.create_task(self._handshake(conn, ip))
+        task = self.loop.create_task(
+            self._serve(conn, peer, handshaking=self.tls and not self.proxied)
+        )
         worker.tasks.add(task)
         task.add_done_callback(worker.tasks.discard)
 
-    async def _handshake(self, conn: socket.socket, ip: str) -> None:
+    def _begin_handshake(self, ip: str) -> bool:
+        if self.ctx.handshakes.begin(ip):
+            return True
+        _refusals.warning("refusing a TLS handshake from %s: too many in progress", ip)
+        metrics.count(metrics.SESSIONS, self.ctx.listener.protocol, "too many tls handshakes")
+        return False
+
+    async def _serve(self, conn: socket.socket, peer: str, *, handshaking: bool) -> None:
         worker, ctx = self.worker, self.ctx
         started = False
+        ip = peer
+        origin: ProxyHeader | None = None
 
         def made(chan: Channel) -> None:
             nonlocal started
             started = True
-            ctx.handshakes.end(ip)
+            if handshaking:
+                ctx.handshakes.end(ip)
+            chan.origin = origin
             chan.on_lost = worker._closed
             worker._start(ctx, chan)
 
         try:
+            if self.proxied:
+                origin = await self._proxy_header(conn, peer)
+                if origin is None:
+                    return
+                ip = origin.client[0] if origin.client else peer
+                if self.tls:
+                    if not self._begin_handshake(ip):
+                        return
+                    handshaking = True
             await self.loop.connect_accepted_socket(
                 functools.partial(Channel, made),
                 sock=conn,
-                ssl=ctx.server_tls,
-                ssl_handshake_timeout=ctx.handshake_timeout,
+                ssl=ctx.server_tls if self.tls else None,
+                ssl_handshake_timeout=ctx.handshake_timeout if self.tls else None,
             )
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
             log.debug("TLS handshake with %s failed: %s", ip, type(e).__name__)
             metrics.count(metrics.SESSIONS, ctx.listener.protocol, "tls handshake failed")
         finally:
-            if not started:  # the handshake failed, timed out or was cancelled
-                ctx.handshakes.end(ip)
+            if not started:  # the header or the handshake failed, timed out or was cancelled
+                if handshaking:
+                    ctx.handshakes.end(ip)
                 worker.connections -= 1
                 conn.close()
+
+    async def _proxy_header(self, conn: socket.socket, peer: str) -> ProxyHeader | None:
+        """The PROXY header, read without consuming a byte past it (the TLS handshake or the
+        mail protocol's first bytes stay in the socket); None when it is missing or bad."""
+        limit = self.ctx.listener.proxy_protocol_timeout
+        try:
+            return await read_proxy_header(self.loop, conn, self.loop.time() + limit)
+        except ProxyProtocolError as e:
+            reason = e.log_text
+        except TimeoutError:
+            reason = f"no header within {limit:g} s"
+        except (ConnectionError, OSError):
+            reason = "closed before its header"
+        _refusals.warning(
+            "PROXY protocol from %s on %s: %s", peer, self.ctx.listener.address, reason
+        )
+        metrics.count(metrics.SESSIONS, self.ctx.listener.protocol, "bad proxy header")
+        return None
+
+
+# The most of a connection's first bytes a PROXY header can take: a v1 line or a v2 header
+# with every TLV mailgate accepts (protocols/proxy_protocol.py has the limits).
+PROXY_PEEK = MAX_V2_HEADER + 16
+# A header that arrives in pieces (the spec asks proxies to send it at once) is looked at
+# again this often rather than on every wakeup of a socket that stays readable.
+PROXY_POLL = 0.01
+
+
+async def read_proxy_header(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket, deadline: float
+) -> ProxyHeader:
+    """Peek until a whole header is there, then consume exactly it. Raises ProxyProtocolError,
+    TimeoutError (past `deadline`) or ConnectionError."""
+    seen = -1
+    while True:
+        if loop.time() >= deadline:
+            raise TimeoutError
+        await _readable(loop, conn, deadline)
+        data = conn.recv(PROXY_PEEK, socket.MSG_PEEK)
+        if not data:
+            raise ConnectionError("closed")
+        result = parse_header(data)
+        if isinstance(result, HeaderParsed):
+            taken = 0
+            while taken < result.length:  # it is all there: the peek saw it
+                taken += len(conn.recv(result.length - taken))
+            return result.header
+        if len(data) == seen:
+            await asyncio.sleep(PROXY_POLL)
+        seen = len(data)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket, deadline: float) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = conn.fileno()
+    loop.add_reader(fd, _wake, ready)
+    timer = loop.call_at(deadline, expire_waiter, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+        timer.cancel()
 
 
 # Connections taken per wakeup of a TLS listener before other work gets a turn.
@@ -296,10 +496,6 @@ def session_capacity() -> int:
     return max(1, (soft - RESERVED_FDS) // 2)
 
 
-def _reload_unsupported() -> None:
-    log.warning("SIGHUP: reloading is not supported yet; carrying on with the running config")
-
-
 def _flush(authenticator: object) -> None:
     flush = getattr(authenticator, "flush", None)
     if callable(flush):
@@ -307,7 +503,7 @@ def _flush(authenticator: object) -> None:
         log.info("auth cache flushed")
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
 
@@ -316,10 +512,12 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
-    loop = _new_loop()
+def run_worker(
+    settings: Settings, sockets: list[socket.socket], link: socket.socket | None, index: int
+) -> None:
+    loop = new_loop()
     try:
-        loop.run_until_complete(Worker(settings, sockets).run())
+        loop.run_until_complete(Worker(settings, sockets, link=link, index=index).run())
     finally:
         loop.close()
 
@@ -327,6 +525,7 @@ def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
 def preflight(settings: Settings) -> None:
     """Load everything a worker loads at start, so a mistake stops us here, once, with a
     message naming the setting, rather than in every worker. Raises ConfigError."""
+    preflight_checks.check(settings)
     tls.server_context(settings.tls)
     tls.backend_context(settings.backend)
     try:
@@ -335,11 +534,11 @@ def preflight(settings: Settings) -> None:
         raise ConfigError(f"authentication: {e}") from None
 
 
-def bind_all(settings: Settings, *, reuse_port: bool) -> list[socket.socket]:
+def bind_all(settings: Settings) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     for i, listener in enumerate(settings.listeners):
         try:
-            sockets.append(bind(listener, reuse_port=reuse_port))
+            sockets.append(bind(listener))
         except OSError as e:
             for sock in sockets:
                 sock.close()
@@ -350,129 +549,7 @@ def bind_all(settings: Settings, *, reuse_port: bool) -> list[socket.socket]:
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    from mailgate.supervisor import Supervisor
+
     preflight(settings)
-    # A cache flush (SIGUSR1) or a reload (SIGHUP) may come as soon as the pid file exists,
-    # before the handlers are in place: neither may kill us (their default action).
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if settings.metrics_listen:
-        metrics.serve(settings.metrics_listen)
-    if settings.pid_file is not None:
-        settings.pid_file.write_text(f"{os.getpid()}\n")
-    try:
-        return _serve(settings)
-    finally:
-        if settings.pid_file is not None:
-            with contextlib.suppress(OSError):
-                settings.pid_file.unlink()
-
-
-def _serve(settings: Settings) -> int:
-    if settings.workers == 1:
-        sockets = bind_all(settings, reuse_port=False)
-        _announce(settings, sockets)
-        run_worker(settings, sockets)
-        return 0
-    return _supervise(settings)
-
-
-def _announce(settings: Settings, sockets: list[socket.socket]) -> None:
-    for listener, sock in zip(settings.listeners, sockets, strict=True):
-        host, port = sock.getsockname()[:2]
-        log.info(
-            "listening: %s on %s port %d (tls=%s)", listener.protocol, host, port, listener.tls
-        )
-
-
-def _supervise(settings: Settings) -> int:
-    # Bind once here to fail early and to learn the ports chosen for port 0; keep these
-    # sockets (not listening) so the ports stay ours while workers come and go.
-    reserved = bind_all(settings, reuse_port=True)
-    ports = [s.getsockname()[1] for s in reserved]
-    _announce(settings, reserved)
-    stop = {"signal": 0}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, _f: stop.__setitem__("signal", s))
-    signal.signal(signal.SIGUSR1, lambda _s, _f: _signal_children(children, signal.SIGUSR1))
-    signal.signal(signal.SIGHUP, lambda _s, _f: _reload_unsupported())
-    children: dict[int, int] = {}  # pid -> worker index
-    for index in range(settings.workers):
-        children[_fork_worker(settings, ports)] = index
-    quick_deaths = 0
-    last_death = 0.0
-    code = 0
-    while children:
-        if stop["signal"]:
-            _stop_children(children, settings.shutdown_timeout + KILL_GRACE)
-            break
-        with contextlib.suppress(ChildProcessError, InterruptedError):
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid:
-                index = children.pop(pid)
-                metrics.worker_died(pid)
-                now = time.monotonic()
-                quick_deaths = quick_deaths + 1 if now - last_death < RESTART_WINDOW else 1
-                last_death = now
-                if quick_deaths > MAX_QUICK_RESTARTS:
-                    log.error("workers keep dying (%d in a row); giving up", quick_deaths)
-                    _stop_children(children, settings.shutdown_timeout + KILL_GRACE)
-                    code = 1
-                    break
-                log.error("worker %d (pid %d) died with status %d; restarting", index, pid, status)
-                children[_fork_worker(settings, ports)] = index
-        time.sleep(0.2)
-    for sock in reserved:
-        sock.close()
-    return code
-
-
-def _fork_worker(settings: Settings, ports: list[int]) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 0
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until Worker.run handles it
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's business
-        sockets = [
-            bind(lst, port, reuse_port=True)
-            for lst, port in zip(settings.listeners, ports, strict=True)
-        ]
-        run_worker(settings, sockets)
-    except BaseException:  # a worker must never return into the supervisor's loop
-        log.exception("worker failed")
-        code = 1
-    finally:
-        logging.shutdown()
-        os._exit(code)
-
-
-def _signal_children(children: dict[int, int], sig: int) -> None:
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _stop_children(children: dict[int, int], grace: float) -> None:
-    _signal_children(children, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while children and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-            if pid:
-                children.pop(pid, None)
-                continue
-        time.sleep(0.1)
-    if children:
-        log.error("killing %d workers that did not stop in time", len(children))
-        _signal_children(children, signal.SIGKILL)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    return Supervisor(settings).run()

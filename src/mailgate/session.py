@@ -14,8 +14,11 @@ core turns into its reply. Nothing is read back out of a core after the fact.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import itertools
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -24,15 +27,18 @@ from dataclasses import dataclass
 from mailgate import metrics
 from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
+from mailgate.auth.throttle import user_key
 from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
 from mailgate.backend.connect import make_core as make_login_core
 from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
 from mailgate.netio import Channel, exchange
+from mailgate.networks import NetworkList
 from mailgate.protocols.core import PreAuthCore
 from mailgate.protocols.events import (
     Authenticate,
     Close,
     Event,
+    Limited,
     LoggedIn,
     LoginOutcome,
     Rejected,
@@ -44,8 +50,17 @@ from mailgate.protocols.smtp import SmtpCore
 from mailgate.protocols.spec import ProtocolSpec
 from mailgate.ratelog import RateLimitedLog
 from mailgate.relay import Relay
+from mailgate.statestore import Store
 from mailgate.tls import tls_info
-from mailgate.values import ClientInfo, CloseReason, Credentials, Reject, Route, TempFail
+from mailgate.values import (
+    ClientInfo,
+    CloseReason,
+    Credentials,
+    Reject,
+    Route,
+    TempFail,
+    TlsInfo,
+)
 
 log = logging.getLogger("mailgate.session")
 _refusals = RateLimitedLog(log)
@@ -88,11 +103,34 @@ class Handshakes:
 
 
 class Sessions:
-    """The live sessions of one worker, for graceful shutdown."""
+    """The live sessions of one worker: for shutdown, `mailgate who` and `kick`."""
 
     def __init__(self) -> None:
         self.preauth: set[Session] = set()
-        self.relays: set[Relay] = set()
+        self.relays: dict[Relay, SessionRecord] = {}
+
+    def describe(
+        self, user: str | None = None, backend: str | None = None
+    ) -> list[dict[str, object]]:
+        """The logged-in sessions, as `mailgate who` shows them (filtered, if asked)."""
+        return [record.describe() for record in self.matching(user, backend)]
+
+    def kick(self, user: str | None = None, backend: str | None = None) -> int:
+        """End the matching sessions with the protocol's goodbye; how many there were."""
+        records = self.matching(user, backend)
+        for record in records:
+            if record.relay is not None:
+                record.relay.kick()
+        return len(records)
+
+    def matching(self, user: str | None, backend: str | None) -> list[SessionRecord]:
+        wanted = user_key(user) if user else None
+        return [
+            record
+            for record in self.relays.values()
+            if (wanted is None or user_key(record.user) == wanted)
+            and (backend is None or backend in (record.backend, record.mailstore))
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +148,9 @@ class ListenerContext:
     hostname: str
     sessions: Sessions
     handshakes: Handshakes
+    store: Store  # the node's (or cluster's) session counts, for [limits] per_user ...
+    limits: LimitsSettings
+    trusted: NetworkList  # trusted_networks: their clients' own address counts no limit
 
 
 class Session:
@@ -120,6 +161,8 @@ class Session:
         "client",
         "core",
         "ctx",
+        "lease",
+        "mailstore",
         "reason",
         "started",
         "user",
@@ -133,9 +176,14 @@ class Session:
         self.backend = "-"
         self.reason = CloseReason.EOF
         self.attempts = 0
+        self.lease: tuple[str | None, str, bool] | None = None  # the session counted in [limits]
+        self.mailstore: str | None = None
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
-        self.core: PreAuthCore = ctx.spec.core(ctx.policy, salt)
         self.client = _client_info(chan, ctx.listener.protocol)
+        policy = ctx.policy
+        if self.client.tls is not None and not policy.tls_active:  # TLS ended at the proxy
+            policy = dataclasses.replace(policy, tls_active=True, starttls=False)
+        self.core: PreAuthCore = ctx.spec.core(policy, salt)
 
     async def run(self) -> None:
         ctx, chan = self.ctx, self.chan
@@ -165,9 +213,15 @@ class Session:
             ctx.sessions.preauth.discard(self)
             metrics.ACTIVE_PREAUTH.dec()
             if not relayed:
+                if self.lease is not None:  # counted, but the session never got relayed
+                    _release_soon(ctx.store, self.lease)
+                    self.lease = None
                 chan.finish()
                 metrics.count(metrics.SESSIONS, ctx.listener.protocol, self.reason.value)
-                _log_session(_RelayRecord(self), self.reason)
+                # A load balancer's health check (PROXY LOCAL) is not worth a line each.
+                health_check = chan.origin is not None and chan.origin.client is None
+                level = logging.DEBUG if health_check else logging.INFO
+                _log_session(SessionRecord(self), self.reason, level=level)
 
     # --- the phases ---------------------------------------------------------------------------
 
@@ -261,8 +315,13 @@ class Session:
             decision = TempFail("authenticator raised")
         protocol = self.ctx.listener.protocol
         if isinstance(decision, Route):
+            if not await self._lease(decision):
+                return Limited(), None
             async with asyncio.timeout_at(deadline):
-                return await self._backend_login(decision, creds)
+                outcome, connection = await self._backend_login(decision, creds)
+            if connection is None:
+                await self._release()
+            return outcome, connection
         if isinstance(decision, Reject):
             metrics.count(metrics.LOGINS, protocol, "rejected")
             await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
@@ -277,11 +336,34 @@ class Session:
         await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
         return Unavailable(), None
 
+    async def _lease(self, route: Route) -> bool:
+        """Count this session against the [limits], before any backend is touched."""
+        limits = self.ctx.limits
+        if not (limits.per_user or limits.per_user_ip or limits.per_ip):
+            return True
+        user = user_key(route.identity or self.user)
+        trusted = self.client.ip in self.ctx.trusted
+        refusal = await self.ctx.store.acquire(user, subscriber(self.client.ip), trusted)
+        if refusal is not None:
+            metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "limited")
+            _refusals.warning(
+                "limits: refusing %s from %s: %s reached", user, self.client.ip, refusal.value
+            )
+            return False
+        self.lease = (user, subscriber(self.client.ip), trusted)
+        return True
+
+    async def _release(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            await self.ctx.store.release(*lease)
+
     async def _backend_login(
         self, route: Route, creds: Credentials
     ) -> tuple[LoginOutcome, BackendConnection | None]:
         ctx = self.ctx
         self.backend = f"{route.host}:{route.port}"
+        self.mailstore = route.mailstore
         core = make_login_core(ctx.listener.protocol, route, ctx.backend, self.client, creds)
         try:
             conn = await login(route, ctx.backend, core)
@@ -301,7 +383,8 @@ class Session:
         ctx, chan = self.ctx, self.chan
         client_transport, backend_transport = chan.transport, backend.channel.transport
         assert client_transport is not None and backend_transport is not None
-        record = _RelayRecord(self)
+        record = SessionRecord(self)
+        self.lease = None  # the record gives it back when the relay ends
         relay = Relay(
             client_transport,
             backend_transport,
@@ -309,10 +392,11 @@ class Session:
             goodbyes=ctx.spec.goodbyes,
             boundary=ctx.spec.boundary(),
             normal_end=ctx.spec.normal_end,
-            on_done=record.done,
+            on_done=functools.partial(record.done, ctx.sessions),
             on_client_lost=chan.detach(),
         )
-        ctx.sessions.relays.add(relay)
+        record.relay = relay
+        ctx.sessions.relays[relay] = record
         metrics.ACTIVE_RELAY.inc()
         relay.start(self.core.trailing, backend.trailing)
 
@@ -321,24 +405,59 @@ class _Refused(Exception):
     """The session cannot go on and there is nothing to say; `Session.reason` says why."""
 
 
-class _RelayRecord:
-    """What the end-of-session log line needs. The Session, its core, its buffers and the
-    credentials are dropped when the relay starts; only this small record stays."""
+class SessionRecord:
+    """A logged-in session as the worker keeps it: what `mailgate who` lists and the end-of-
+    session log line needs. The Session, its core, its buffers and the credentials are dropped
+    when the relay starts; only this small record stays."""
 
-    __slots__ = ("attempts", "backend", "client", "protocol", "sessions", "started", "user")
+    __slots__ = (
+        "attempts",
+        "backend",
+        "client",
+        "lease",
+        "mailstore",
+        "protocol",
+        "relay",
+        "since",
+        "started",
+        "store",
+        "user",
+    )
 
     def __init__(self, session: Session) -> None:
         self.protocol = session.ctx.listener.protocol
-        self.sessions = session.ctx.sessions
         self.client = session.client
         self.user = session.user
         self.backend = session.backend
+        self.mailstore = session.mailstore
         self.started = session.started
+        self.since = time.time() - (time.monotonic() - session.started)
         self.attempts = session.attempts
+        self.lease = session.lease
+        self.store = session.ctx.store
+        self.relay: Relay | None = None
 
-    def done(self, relay: Relay) -> None:
-        self.sessions.relays.discard(relay)
+    def describe(self) -> dict[str, object]:
+        relay = self.relay
+        return {
+            "user": self.user,
+            "protocol": self.protocol,
+            "client": f"{self.client.ip}:{self.client.port}",
+            "backend": self.backend,
+            "mailstore": self.mailstore,
+            "tls": self.client.tls.protocol if self.client.tls else None,
+            "since": round(self.since, 3),
+            "bytes_in": relay.bytes_in if relay else 0,
+            "bytes_out": relay.bytes_out if relay else 0,
+            "pid": os.getpid(),
+        }
+
+    def done(self, sessions: Sessions, relay: Relay) -> None:
+        sessions.relays.pop(relay, None)
         metrics.ACTIVE_RELAY.dec()
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            _release_soon(self.store, lease)
         reason = relay.ended or CloseReason.CLIENT_CLOSED
         metrics.count(metrics.SESSIONS, self.protocol, reason.value)
         metrics.count(metrics.BYTES, self.protocol, "in", amount=relay.bytes_in)
@@ -346,12 +465,25 @@ class _RelayRecord:
         _log_session(self, reason, relay)
 
 
-def _log_session(rec: _RelayRecord, reason: CloseReason, relay: Relay | None = None) -> None:
-    if not log.isEnabledFor(logging.INFO):  # skip the formatting work, once per session
+_releases: set[asyncio.Future[None]] = set()
+
+
+def _release_soon(store: Store, lease: tuple[str | None, str, bool]) -> None:
+    """Give a session's lease back from a callback (the relay's end runs in one)."""
+    task = asyncio.ensure_future(store.release(*lease))
+    _releases.add(task)
+    task.add_done_callback(_releases.discard)
+
+
+def _log_session(
+    rec: SessionRecord, reason: CloseReason, relay: Relay | None = None, level: int = logging.INFO
+) -> None:
+    if not log.isEnabledFor(level):  # skip the formatting work, once per session
         return
     c = rec.client
     traffic = f" in={relay.bytes_in} out={relay.bytes_out}" if relay else ""
-    log.info(
+    log.log(
+        level,
         "%s client=%s:%d user=%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
         rec.protocol,
         c.ip,
@@ -367,17 +499,33 @@ def _log_session(rec: _RelayRecord, reason: CloseReason, relay: Relay | None = N
 
 
 def _client_info(chan: Channel, protocol: str) -> ClientInfo:
+    """Who the client is: the connection's peer, or what a trusted proxy's PROXY header says
+    (address, and TLS when the proxy terminated it)."""
     transport = chan.transport
     assert transport is not None
     peer = transport.get_extra_info("peername") or ("", 0)
     local = transport.get_extra_info("sockname") or ("", 0)
+    tls = tls_info(transport)
+    origin = chan.origin
+    if origin is not None:
+        if origin.client is not None:
+            peer = origin.client
+        if origin.destination_ip is not None and origin.destination_port is not None:
+            local = (origin.destination_ip, origin.destination_port)
+        if tls is None and origin.ssl is not None and origin.ssl.tls:
+            tls = TlsInfo(
+                protocol=origin.ssl.version or "",
+                cipher=origin.ssl.cipher or "",
+                client_verify="SUCCESS" if origin.ssl.cert_verified else "NONE",
+                client_subject=f"CN={origin.ssl.cn}" if origin.ssl.cn else None,
+            )
     return ClientInfo(
         ip=str(peer[0]),
         port=int(peer[1]),
         protocol=protocol,
         local_ip=str(local[0]),
         local_port=int(local[1]),
-        tls=tls_info(transport),
+        tls=tls,
     )
 
 

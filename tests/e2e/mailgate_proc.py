@@ -93,6 +93,20 @@ class MailgateProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def workers(self) -> set[int]:
+        """The supervisor's worker processes now."""
+        return children(self.proc.pid)
+
+    def worker(self, timeout: float = READY_TIMEOUT) -> int:
+        """The pid of the one worker (workers = 1): where sessions live, where RSS and
+        descriptors are measured."""
+        deadline = time.monotonic() + timeout
+        while len(pids := self.workers()) != 1:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected one worker, found {sorted(pids)}")
+            time.sleep(POLL_INTERVAL)
+        return pids.pop()
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, wait, and assert that mailgate exited with status 0."""
         if self.returncode is not None:
@@ -112,6 +126,14 @@ class MailgateProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
 
 
 def parse_session(line: str) -> SessionLine | None:

@@ -22,13 +22,13 @@ import pytest
 
 from integration.test_directory_names import (
     ACCENT_VARIANTS,
-    LOCK_AFTER_3,
     SAME_AS_VICTIM,
     SEED_QUERIES_WITH_USER,
     VICTIM,
     VICTIM_PW,
     NamesBehaviour,
     lock_out,
+    throttled_over,
     try_each,
 )
 from integration.test_directory_sqlite import (
@@ -44,7 +44,6 @@ from integration.test_directory_sqlite import (
     sql,
     wipe,
 )
-from mailgate.auth.throttle import Throttled
 from mailgate.values import Decision, TempFail
 
 from .conftest import require
@@ -108,10 +107,8 @@ def test_on_a_folding_collation_the_lock_out_follows_the_matched_user(
     request: pytest.FixtureRequest, mariadb_database: str
 ) -> None:
     """The seed's tables on a folding collation, with `email AS "user"`: every spelling the
-    database matches must meet the victim's lock-out. Needs the throttle to key on
-    Decision.identity once the inner authenticator has answered (the lead's rework of
-    auth/throttle.py, issue 8 items 1 and 3): until then this fails, and is marked so."""
-    request.applymarker(pytest.mark.xfail(strict=True, reason="throttle keys on identity: TODO"))
+    database matches must meet the victim's lock-out: the throttle counts the identity the
+    directory matched as well as the name the client sent."""
 
     async def scenario() -> None:
         await wipe(mariadb_database)
@@ -119,7 +116,7 @@ def test_on_a_folding_collation_the_lock_out_follows_the_matched_user(
         await sql(mariadb_database, "INSERT INTO users VALUES (:u, :p)", u=VICTIM, p=VICTIM_PW)
         await sql(mariadb_database, "INSERT INTO transport VALUES ('example.com', 'smtp:h')")
         async with env(mariadb_database, queries=SEED_QUERIES_WITH_USER) as e:
-            throttled = Throttled(e.directory, LOCK_AFTER_3)
+            throttled = throttled_over(e.directory)
             await lock_out(throttled)
             names = SAME_AS_VICTIM + ACCENT_VARIANTS
             for name, decision in zip(names, await try_each(throttled, names, VICTIM_PW),

@@ -28,15 +28,17 @@ from integration.test_directory_sqlite import (
 )
 from mailgate import admin
 from mailgate.auth.schema import SCHEMA_VERSION, dispose, make_engine
-from mailgate.auth.throttle import REFUSED_NAMES_KEY, Throttled, _user_key
-from mailgate.config import DirectoryQueries, ThrottleSettings
+from mailgate.auth.throttle import REFUSED_NAMES, Throttled, user_key
+from mailgate.config import DirectoryQueries, LimitsSettings, ThrottleSettings
+from mailgate.nodestate import NodeState
+from mailgate.statestore import LocalStore
 from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, Secret
 
 LOGGER = "mailgate.auth.directory"
 VICTIM, VICTIM_PW = "victim@example.com", "victim-pw"
 ACCENTED, ACCENTED_PW = "v\u00efctim@example.com", "accented-pw"  # precomposed ï (NFC)
 DECOMPOSED = "vi\u0308ctim@example.com"  # i + COMBINING DIAERESIS: the same name as ACCENTED
-VICTIM_KEY = "user:" + VICTIM
+VICTIM_KEY = VICTIM
 # Spellings a client may send for the victim: all one user, one throttle key.
 SAME_AS_VICTIM = [
     VICTIM,
@@ -78,6 +80,12 @@ SEED_QUERIES_WITH_USER = DirectoryQueries(
 LOCK_AFTER_3 = ThrottleSettings(free=1000, lockout_after=3, lockout=300.0)
 
 
+def throttled_over(directory: object) -> Throttled:
+    """The throttle as a worker builds it, counting in this process."""
+    store = LocalStore(NodeState(LOCK_AFTER_3, LimitsSettings()))
+    return Throttled(directory, LOCK_AFTER_3, store)  # type: ignore[arg-type]
+
+
 async def lock_out(throttled: Throttled) -> None:
     """Four wrong guesses for the victim from one address: the victim is locked out."""
     for _ in range(4):
@@ -103,7 +111,7 @@ def is_mysql(url: str) -> bool:
 def key(decision: Decision, sent: str) -> str | None:
     """The throttle key of a login: the identity the directory matched, else the sent name."""
     identity = decision.identity if isinstance(decision, Route | Reject) else None
-    return _user_key(identity or sent)
+    return user_key(identity or sent)
 
 
 async def add_users(url: str) -> None:
@@ -184,7 +192,7 @@ class NamesBehaviour:
                 for name in SAME_AS_VICTIM:
                     r = route(await e.auth(name, VICTIM_PW))
                     assert (r.user, r.identity, r.secret.reveal()) == (VICTIM, VICTIM, VICTIM_PW)
-                    assert key(r, name) == _user_key(name) == VICTIM_KEY, repr(name)
+                    assert key(r, name) == user_key(name) == VICTIM_KEY, repr(name)
                     wrong = await e.auth(name, "wrong")
                     assert wrong == FAILED and isinstance(wrong, Reject)
                     assert wrong.identity == VICTIM and key(wrong, name) == VICTIM_KEY
@@ -198,7 +206,7 @@ class NamesBehaviour:
         async def scenario() -> None:
             await add_users(db_url)
             async with env(db_url) as e:
-                throttled = Throttled(e.directory, LOCK_AFTER_3)
+                throttled = throttled_over(e.directory)
                 await lock_out(throttled)
                 for name, decision in zip(SAME_AS_VICTIM, await try_each(
                         throttled, SAME_AS_VICTIM, VICTIM_PW), strict=True):  # fmt: skip
@@ -216,7 +224,7 @@ class NamesBehaviour:
                 for name in (ACCENTED, DECOMPOSED):
                     r = route(await e.auth(name, ACCENTED_PW))
                     assert (r.user, r.identity) == (ACCENTED, ACCENTED)  # stored precomposed
-                    assert key(r, name) == "user:" + ACCENTED != VICTIM_KEY
+                    assert key(r, name) == ACCENTED != VICTIM_KEY
                     assert await e.auth(name, VICTIM_PW) == FAILED
                 assert await e.auth(VICTIM, ACCENTED_PW) == FAILED
                 await admin.remove_user(e.engine, ACCENTED)
@@ -240,7 +248,7 @@ class NamesBehaviour:
                     refused = await e.auth(name, VICTIM_PW)
                     assert refused == FAILED, repr(name)
                     assert isinstance(refused, Reject) and refused.identity is None
-                    assert key(refused, name) == REFUSED_NAMES_KEY  # one budget for them all
+                    assert key(refused, name) == REFUSED_NAMES  # one budget for them all
 
         run(scenario())
         assert caplog.text.count("refused: user name ") == len(REFUSED)
@@ -284,7 +292,7 @@ class NamesBehaviour:
             async with env(db_url) as e:
                 for name in LESER_SPELLINGS:
                     r = route(await e.auth(name, "leser-pw"))
-                    assert (r.user, r.host, key(r, name)) == (LESER, "10.0.0.5", "user:" + LESER)
+                    assert (r.user, r.host, key(r, name)) == (LESER, "10.0.0.5", LESER)
                 for bad in ("leser@xn--bcher-kvb.example", "leser@xn--b\u00fccher.example"):
                     assert await e.auth(bad, "leser-pw") == FAILED, bad
 

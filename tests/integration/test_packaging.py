@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import Settings
-from mailgate.server import KILL_GRACE
+from mailgate.supervisor import KILL_GRACE
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "mailgate.service"

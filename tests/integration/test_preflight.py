@@ -225,7 +225,7 @@ def test_redis_throttling_without_the_redis_client(tmp_path: Path, certs: Path) 
     assert check(path).returncode == 0
     result = check(path, prelude="import sys; sys.modules['redis'] = None")
     assert result.stderr == (
-        "mailgate: configuration error: throttle.redis_url: the redis client is not "
+        "mailgate: configuration error: cluster.redis_url: the redis client is not "
         "installed: pip install 'mailgate[redis]'\n"
     )
 

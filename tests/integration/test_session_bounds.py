@@ -117,7 +117,7 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory(
             "max_sessions": 64,
         }
         with running_mailgate(tmp_path, {"l": {"protocol": protocol}}, config) as mg:
-            pid, port = mg.proc.pid, mg.ports["l"]
+            pid, port = mg.worker(), mg.ports["l"]
             for _ in range(20):  # warm up: imports, first allocations
                 greeting_of(port)
             before_rss, before_fds = rss_kib(pid), open_fds(pid)
@@ -179,7 +179,7 @@ def test_stalled_tls_handshakes_from_one_address_leave_room_for_others(
         }
         listeners = {"tls": {"protocol": "imap", "tls": "implicit"}}
         with running_mailgate(tmp_path, listeners, config) as mg:
-            pid, port = mg.proc.pid, mg.ports["tls"]
+            pid, port = mg.worker(), mg.ports["tls"]
             before_fds = open_fds(pid)
             stalled = []
             try:
@@ -213,7 +213,7 @@ def test_stalled_handshakes_are_cut_at_the_handshake_timeout(tmp_path: Path, ser
         }
         listeners = {"tls": {"protocol": "pop3", "tls": "implicit"}}
         with running_mailgate(tmp_path, listeners, config) as mg:
-            pid, port = mg.proc.pid, mg.ports["tls"]
+            pid, port = mg.worker(), mg.ports["tls"]
             with socket.create_connection(("127.0.0.1", port)) as warm_up:  # lazy first opens
                 assert warm_up.recv(10) == b""  # closed at the handshake timeout
             before_fds = open_fds(pid)
@@ -406,7 +406,7 @@ def test_input_pipelined_behind_a_slow_login_is_not_held_in_memory(tmp_path: Pat
             "log_level": "warning",
         }
         with running_mailgate(tmp_path, {"l": {"protocol": "imap"}}, config) as mg:
-            pid, port = mg.proc.pid, mg.ports["l"]
+            pid, port = mg.worker(), mg.ports["l"]
             for _ in range(20):
                 greeting_of(port)
             before = rss_kib(pid)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from mailgate.auth import Authenticator
 from mailgate.config import Settings
+from mailgate.nodestate import NodeState
+from mailgate.statestore import LocalStore, Store
 
 
 def build_source(settings: Settings) -> Authenticator:
@@ -22,7 +24,9 @@ def build_source(settings: Settings) -> Authenticator:
     raise ValueError("no [auth_http] or [directory] configured")
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
+def build_authenticator(settings: Settings, store: Store | None = None) -> Authenticator:
+    """The chain for `settings`; `store` is where the throttle counts (the node's shared
+    state; by default a store of this process alone)."""
     auth = build_source(settings)
     if settings.directory is not None and settings.directory.cache_ttl > 0:
         from mailgate.auth.cache import Cached
@@ -31,5 +35,7 @@ def build_authenticator(settings: Settings) -> Authenticator:
     if settings.throttle.enabled:
         from mailgate.auth.throttle import Throttled
 
-        auth = Throttled(auth, settings.throttle)
+        if store is None:
+            store = LocalStore(NodeState(settings.throttle, settings.limits))
+        auth = Throttled(auth, settings.throttle, store, settings.trusted_networks)
     return auth

@@ -1,212 +1,63 @@
 """Brute-force throttling: an Authenticator that wraps another one.
 
-Failures are counted per client IP (IPv6 per /64, what one subscriber gets) and per user name
-(normalised) within `window` seconds of the first failure. The first `free` failures cost
-nothing; after that each rejected login is answered after a delay that doubles from
-`base_delay` up to `max_delay` (`Reject.wait`: the session driver or nginx sleeps it). Above
-`lockout_after` failures the IP or the user is refused for `lockout` seconds without asking the
-inner authenticator, so a correct password cannot slip through a lock-out.
+Every guess is counted before it is checked. `begin` reserves the attempt against the client
+address's budget (IPv6 per /64, what one subscriber gets) and the user's (the normalised name),
+in the store all workers of the node share (the supervisor's, or Redis across nodes): while
+failures plus guesses in flight have reached `lockout_after`, or a lock-out runs, the attempt
+is refused without asking the inner authenticator, so however many guesses arrive at once no
+more than `lockout_after` reach the password check in a window, and a correct password cannot
+slip through a lock-out. `end` settles the reservation: a failure counts, and the one that
+spends the budget starts a `lockout`; a success clears the user's failures.
+
+Refused logins are answered after a delay: the first `free` failures cost nothing, then the
+delay doubles from `base_delay` up to `max_delay` (`Reject.wait`: the session driver or nginx
+sleeps it). An address that failed as more than `per_ip_users` distinct users in the window
+(password spraying) gets `max_delay` on every failure. Too many logins of one user or from one
+address at once (`concurrent_per_user`, `concurrent_per_ip`) get a temporary failure.
+Addresses on `trusted_networks` (a webmail host) have no address budget of their own.
 
 The wrapper never learns whether a user exists: it sees Reject, the same for an unknown user
-and a wrong password, and it answers both the same way. TempFail (an outage) is not counted.
+and a wrong password, and answers both the same way. TempFail (an outage) is not counted.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, Protocol, TypeVar
 
-from mailgate import names
+from mailgate import metrics, names
 from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
 from mailgate.config import ThrottleSettings
+from mailgate.networks import EMPTY, NetworkList
+from mailgate.nodestate import Admission, Attempt, Settled, Verdict
+from mailgate.ratelog import RateLimitedLog
+from mailgate.statestore import Store
 from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, TempFail
 
 log = logging.getLogger("mailgate.throttle")
+_refusals = RateLimitedLog(log)
 
-T = TypeVar("T")
-Clock = Callable[[], float]
-
-# Keys a MemoryFailureStore holds at most: an entry is ~150 bytes, so ~15 MB. A flood of fresh
-# source addresses evicts the oldest windows first, i.e. the slowest guessers.
-DEFAULT_MAX_KEYS = 100_000
-# Redis answers in well under a millisecond on a LAN; past this a login goes on with the local
-# counters rather than wait (the whole login has a few seconds).
-REDIS_TIMEOUT = 0.5
 MAX_DOUBLINGS = 60  # 2**60 * any sane base_delay is past max_delay; keeps the float finite
-
-
-class FailureStore(Protocol):
-    """Failure counters and lock-outs. `until` values are on the Throttled instance's clock."""
-
-    async def record_failure(self, key: str) -> int:
-        """Count one failure; return the failures in the current window, this one included."""
-        ...
-
-    async def count(self, key: str) -> int: ...
-
-    async def reset(self, key: str) -> None: ...
-
-    async def locked_until(self, key: str) -> float:
-        """When the lock-out of `key` ends, or 0.0 when there is none."""
-        ...
-
-    async def lock(self, key: str, until: float) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class _Window:
-    __slots__ = ("count", "start")
-
-    def __init__(self, start: float) -> None:
-        self.start = start
-        self.count = 0
-
-
-class MemoryFailureStore:
-    """Counters in this process, in fixed windows that start at a key's first failure."""
-
-    def __init__(
-        self, window: float, max_keys: int = DEFAULT_MAX_KEYS, clock: Clock = time.monotonic
-    ) -> None:
-        self._window = window
-        self._max_keys = max(1, max_keys)
-        self._clock = clock
-        # Oldest window first: expired windows and eviction victims are at the front.
-        self._failures: OrderedDict[str, _Window] = OrderedDict()
-        self._locks: OrderedDict[str, float] = OrderedDict()
-
-    async def record_failure(self, key: str) -> int:
-        now = self._clock()
-        self._expire(now)
-        entry = self._failures.get(key)
-        if entry is None:
-            entry = self._failures[key] = _Window(now)
-            while len(self._failures) > self._max_keys:
-                self._failures.popitem(last=False)
-        entry.count += 1
-        return entry.count
-
-    async def count(self, key: str) -> int:
-        self._expire(self._clock())
-        entry = self._failures.get(key)
-        return entry.count if entry is not None else 0
-
-    async def reset(self, key: str) -> None:
-        self._failures.pop(key, None)
-
-    async def locked_until(self, key: str) -> float:
-        until = self._locks.get(key, 0.0)
-        if until and until <= self._clock():
-            del self._locks[key]
-            return 0.0
-        return until
-
-    async def lock(self, key: str, until: float) -> None:
-        self._locks.pop(key, None)
-        self._locks[key] = until
-        while len(self._locks) > self._max_keys:
-            self._locks.popitem(last=False)
-
-    async def close(self) -> None:
-        self._failures.clear()
-        self._locks.clear()
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-    def _expire(self, now: float) -> None:
-        while self._failures:
-            entry = next(iter(self._failures.values()))
-            if now - entry.start < self._window:
-                return
-            self._failures.popitem(last=False)
-
-
-class RedisFailureStore:
-    """Counters shared by every host through Redis: INCR on a key that expires with the window.
-
-    Lock-outs are keys with a TTL, read back as "now + TTL" on the caller's clock, so hosts need
-    not agree on the time.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        window: float,
-        clock: Clock = time.monotonic,
-        prefix: str = "mailgate:throttle:",
-    ) -> None:
-        try:
-            import redis.asyncio
-        except ImportError:
-            raise RuntimeError("throttle.redis_url needs the 'redis' Python package") from None
-        self._redis: Any = redis.asyncio.from_url(
-            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-        )
-        self._window_ms = max(1, math.ceil(window * 1000))
-        self._clock = clock
-        self._prefix = prefix
-
-    async def record_failure(self, key: str) -> int:
-        name = self._prefix + "fail:" + key
-        # SET NX PX then INCR in one transaction: the key always has its expiry, even if this
-        # process dies between the two, and INCR keeps the TTL.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(name, 0, px=self._window_ms, nx=True)
-            pipe.incr(name)
-            _, count = await pipe.execute()
-        return int(count)
-
-    async def count(self, key: str) -> int:
-        value = await self._redis.get(self._prefix + "fail:" + key)
-        return int(value) if value is not None else 0
-
-    async def reset(self, key: str) -> None:
-        await self._redis.delete(self._prefix + "fail:" + key)
-
-    async def locked_until(self, key: str) -> float:
-        ttl_ms = await self._redis.pttl(self._prefix + "lock:" + key)
-        return self._clock() + ttl_ms / 1000 if ttl_ms > 0 else 0.0
-
-    async def lock(self, key: str, until: float) -> None:
-        ttl_ms = math.ceil((until - self._clock()) * 1000)
-        if ttl_ms > 0:
-            await self._redis.set(self._prefix + "lock:" + key, 1, px=ttl_ms)
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-
-def make_store(settings: ThrottleSettings, clock: Clock = time.monotonic) -> FailureStore:
-    if settings.redis_url:
-        return RedisFailureStore(settings.redis_url, settings.window, clock)
-    return MemoryFailureStore(settings.window, clock=clock)
+# Every name `mailgate.names` refuses counts as this one user: no spelling the directory
+# would refuse gets a budget of its own (no normalised name contains a space).
+REFUSED_NAMES = "refused names"
 
 
 class Throttled:
-    """Authenticator wrapper: delays after repeated failures, locks out past a limit."""
+    """Authenticator wrapper; see the module docstring."""
 
     def __init__(
         self,
         inner: Authenticator,
         settings: ThrottleSettings,
-        store: FailureStore | None = None,
-        clock: Clock = time.monotonic,
+        store: Store,
+        trusted: NetworkList = EMPTY,
     ) -> None:
         self._inner = inner
         self._settings = settings
-        self._clock = clock
-        self._store = store if store is not None else make_store(settings, clock)
-        # Used while a shared store (Redis) is unreachable: throttling goes on per host.
-        self._fallback = MemoryFailureStore(settings.window, clock=clock)
-        self._degraded = False
+        self._store = store
+        self._trusted = trusted
 
     def flush(self) -> None:
         """Pass a cache flush (SIGUSR1) on to the wrapped authenticator; the counters stay."""
@@ -218,29 +69,88 @@ class Throttled:
         # SMTP relay without AUTH guesses no password: the envelope decides, nothing to count.
         if not self._settings.enabled or creds.method is Method.NONE:
             return await self._inner.authenticate(creds, client)
-        ip_key, user_key = _ip_key(client.ip), _user_key(creds.user)
-        keys = [ip_key] if user_key is None else [ip_key, user_key]
-        now = self._clock()
-        for key in keys:
-            if await self._locked_until(key) > now:
-                return Reject(wait=self._delay(self._settings.lockout_after + 1))
-        decision = await self._inner.authenticate(creds, client)
+        attempt = Attempt(subscriber(client.ip), user_key(creds.user), client.ip in self._trusted)
+        admission = await self._store.begin(attempt)
+        if admission.verdict is not Verdict.ALLOWED:
+            return self._refuse(admission, attempt, client)
+        outcome = "tempfail"  # what a cancelled or raising lookup settles as
+        decision: Decision | None = None
+        try:
+            decision = await self._inner.authenticate(creds, client)
+            if isinstance(decision, Route):
+                outcome = "ok"
+            elif isinstance(decision, Reject):
+                outcome = "failed"
+        finally:
+            identity = _identity(decision, attempt)
+            if decision is None:  # cancelled (the client left) or raised: release the slot
+                await self._store.end(attempt, outcome, None)
+        settled = await self._store.end(attempt, outcome, identity)
+        return self._settle(decision, admission, settled, attempt, client)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def _refuse(self, admission: Admission, attempt: Attempt, client: ClientInfo) -> Decision:
+        metrics.count(metrics.THROTTLE, admission.verdict.value)
+        if admission.verdict is Verdict.CONCURRENT:
+            _refusals.warning(
+                "throttle: too many logins at once for %s from %s", attempt.user, client.ip
+            )
+            return TempFail("too many logins at once", wait=self._settings.base_delay)
+        _refusals.warning(
+            "throttle: refusing a login as %s from %s: %s",
+            attempt.user,
+            client.ip,
+            "locked out" if admission.verdict is Verdict.LOCKED else "budget spent",
+        )
+        return Reject(wait=self._delay(self._settings.lockout_after + 1))
+
+    def _settle(
+        self,
+        decision: Decision,
+        admission: Admission,
+        settled: Settled,
+        attempt: Attempt,
+        client: ClientInfo,
+    ) -> Decision:
         if isinstance(decision, Route):
-            if user_key is not None:
-                await self._store_call(lambda s: s.reset(user_key))
+            if settled.identity_locked:  # another spelling of a locked-out user
+                metrics.count(metrics.THROTTLE, Verdict.LOCKED.value)
+                return Reject(wait=self._delay(self._settings.lockout_after + 1))
             return decision
         if isinstance(decision, TempFail):
             return decision  # an outage is not the user's fault
-        counts = [await self._record_failure(key) for key in keys]
-        await self._lock_out(keys, counts, now)
-        return replace(decision, wait=max(decision.wait, self._delay(max(counts))))
-
-    async def close(self) -> None:
-        try:
-            await self._inner.close()
-        finally:
-            await self._store.close()
-            await self._fallback.close()
+        for kind in settled.locked:
+            name = attempt.user if kind == "user" else client.ip
+            metrics.count(metrics.THROTTLE, "lockout")
+            log.warning(
+                "throttle: locking out %s %s for %.0fs after %d failures",
+                kind,
+                name,
+                self._settings.lockout,
+                self._settings.lockout_after,
+            )
+        failures = max(
+            admission.ip_failures + 1,
+            admission.user_failures + 1,
+            settled.ip_failures,
+            settled.user_failures,
+        )
+        delay = self._delay(failures)
+        if settled.spraying or admission.spraying:
+            metrics.count(metrics.THROTTLE, "spraying")
+            _refusals.warning(
+                "throttle: %s failed as more than %d users; delaying its failures",
+                client.ip,
+                self._settings.per_ip_users,
+            )
+            delay = self._settings.max_delay
+        elif delay:
+            metrics.count(metrics.THROTTLE, "delayed")
+        return replace(decision, wait=max(decision.wait, delay))
 
     def _delay(self, failures: int) -> float:
         s = self._settings
@@ -249,65 +159,22 @@ class Throttled:
         doublings = min(failures - s.free - 1, MAX_DOUBLINGS)
         return float(min(s.base_delay * 2.0**doublings, s.max_delay))
 
-    async def _lock_out(self, keys: list[str], counts: list[int], now: float) -> None:
-        limit = self._settings.lockout_after
-        if limit <= 0:  # 0 turns lock-outs off
-            return
-        for key, count in zip(keys, counts, strict=True):
-            if count > limit:
-                await self._lock(key, now + self._settings.lockout)
-                kind, _, name = key.partition(":")
-                others = ", ".join(f"{k}={c}" for k, c in zip(keys, counts, strict=True))
-                log.warning(
-                    "throttle: locking out %s %r for %.0fs after %d failures (%s)",
-                    kind,
-                    name,
-                    self._settings.lockout,
-                    count,
-                    others,
-                )
 
-    async def _locked_until(self, key: str) -> float:
-        return await self._store_call(lambda store: store.locked_until(key))
-
-    async def _record_failure(self, key: str) -> int:
-        return await self._store_call(lambda store: store.record_failure(key))
-
-    async def _lock(self, key: str, until: float) -> None:
-        await self._store_call(lambda store: store.lock(key, until))
-
-    async def _store_call(self, op: Callable[[FailureStore], Awaitable[T]]) -> T:
-        """Run `op` on the store; if the store is down, on the local fallback."""
-        try:
-            result = await op(self._store)
-        except Exception as e:  # the store's failure is never the client's problem
-            if not self._degraded:
-                log.warning("throttle: failure store unavailable (%s); counting locally", e)
-                self._degraded = True
-            return await op(self._fallback)
-        if self._degraded:
-            log.warning("throttle: failure store is back")
-            self._degraded = False
-        return result
-
-
-def _ip_key(ip: str) -> str:
-    return "ip:" + subscriber(ip)
-
-
-# Every name `mailgate.names` refuses counts as this one user: no spelling the directory
-# would refuse gets a budget of its own ("names" never starts a normalised user key).
-REFUSED_NAMES_KEY = "names:refused"
-
-
-def _user_key(user: str) -> str | None:
+def user_key(user: str) -> str | None:
     """The per-user counter of a name: `names.normalise` (local part lower-cased, as Dovecot's
-    %Lu), so "Victim@Example.COM " and "victim@example.com" count as one. Pass the identity the
-    directory matched (Route/Reject.identity) when there is one, else the name the client sent.
-    """
+    %Lu), so "Victim@Example.COM " and "victim@example.com" count as one."""
     if not user:
         return None
     try:
-        return "user:" + names.normalise(user)
+        return names.normalise(user)
     except names.BadName:
-        return REFUSED_NAMES_KEY
+        return REFUSED_NAMES
+
+
+def _identity(decision: Decision | None, attempt: Attempt) -> str | None:
+    """The user the directory matched, when it is not the name the attempt counted under."""
+    identity = getattr(decision, "identity", None)
+    if not identity:
+        return None
+    key = user_key(identity)
+    return key if key != attempt.user else None

@@ -19,6 +19,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailgate import metrics
@@ -26,6 +27,7 @@ from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
 from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
 from mailgate.backend.connect import make_core as make_login_core
+from mailgate.backend.routing import BackendRouter, NoBackend, Target, affinity_key
 from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
 from mailgate.netio import Channel, exchange
 from mailgate.protocols.core import PreAuthCore
@@ -110,6 +112,9 @@ class ListenerContext:
     hostname: str
     sessions: Sessions
     handshakes: Handshakes
+    # Pools, health and the loop guard (backend/routing.py); None: the authenticator's
+    # (auth/factory.py builds one until server.py passes its own).
+    router: BackendRouter | None = None
 
 
 class Session:
@@ -122,6 +127,7 @@ class Session:
         "ctx",
         "reason",
         "started",
+        "target",
         "user",
     )
 
@@ -133,6 +139,7 @@ class Session:
         self.backend = "-"
         self.reason = CloseReason.EOF
         self.attempts = 0
+        self.target: Target | None = None  # where the backend login succeeded
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         self.core: PreAuthCore = ctx.spec.core(ctx.policy, salt)
         self.client = _client_info(chan, ctx.listener.protocol)
@@ -280,28 +287,54 @@ class Session:
     async def _backend_login(
         self, route: Route, creds: Credentials
     ) -> tuple[LoginOutcome, BackendConnection | None]:
-        ctx = self.ctx
-        self.backend = f"{route.host}:{route.port}"
-        core = make_login_core(ctx.listener.protocol, route, ctx.backend, self.client, creds)
-        try:
-            conn = await login(route, ctx.backend, core)
-        except BackendError as e:
-            metrics.count(metrics.LOGINS, ctx.listener.protocol, "backend_error")
+        """Log in where the route says: through its pool's members in order (each admitted
+        when tried; a shared-storage pool's next member after a temporary failure), never
+        at one of our own listeners. Nothing to try is a fast temporary failure."""
+        ctx, protocol = self.ctx, self.ctx.listener.protocol
+        router = ctx.router or _router_of(ctx.authenticator)
+        plan = router.plan(route, protocol, affinity_key(route, self.client.ip))
+        failure: BackendError | None = None
+        while not isinstance(plan, NoBackend) and (target := plan.next()) is not None:
+            self.backend = target.name
+            core = make_login_core(protocol, target.route, ctx.backend, self.client, creds)
+            try:
+                conn = await login(target.route, ctx.backend, core, router.guard.refuses_peer)
+            except BackendError as e:
+                reason = router.failed(target, e)
+                log.warning(
+                    "backend login failed for %s from %s (%s): %s",
+                    _safe(self.user),
+                    self.client.ip,
+                    reason,
+                    e.detail,
+                )
+                failure = e
+                if e.temporary and e.client_reply is None:
+                    continue  # a shared-storage pool's next member, if any
+                break
+            router.succeeded(target)
+            self.target = target
+            metrics.count(metrics.LOGINS, protocol, "ok")
+            return LoggedIn(conn.reply), conn
+        metrics.count(metrics.LOGINS, protocol, "backend_error")
+        if failure is None:  # nothing was tried: no member takes logins, or a loop
+            refusal = plan if isinstance(plan, NoBackend) else plan.refusal()
+            router.refused(refusal)
+            self.backend = f"{refusal.pool}/-" if refusal.pool else self.backend
             log.warning(
-                "backend login failed for %s from %s: %s",
-                _safe(self.user),
-                self.client.ip,
-                e.detail,
+                "no backend for %s from %s: %s", _safe(self.user), self.client.ip, refusal.reason
             )
-            return e.client_reply or Unavailable(), None
-        metrics.count(metrics.LOGINS, ctx.listener.protocol, "ok")
-        return LoggedIn(conn.reply), conn
+            return Unavailable(), None
+        return failure.client_reply or Unavailable(), None
 
     def _start_relay(self, backend: BackendConnection) -> None:
         ctx, chan = self.ctx, self.chan
         client_transport, backend_transport = chan.transport, backend.channel.transport
         assert client_transport is not None and backend_transport is not None
         record = _RelayRecord(self)
+        if self.target is not None:
+            router = ctx.router or _router_of(ctx.authenticator)
+            record.release = router.session_started(self.target)
         relay = Relay(
             client_transport,
             backend_transport,
@@ -325,7 +358,16 @@ class _RelayRecord:
     """What the end-of-session log line needs. The Session, its core, its buffers and the
     credentials are dropped when the relay starts; only this small record stays."""
 
-    __slots__ = ("attempts", "backend", "client", "protocol", "sessions", "started", "user")
+    __slots__ = (
+        "attempts",
+        "backend",
+        "client",
+        "protocol",
+        "release",
+        "sessions",
+        "started",
+        "user",
+    )
 
     def __init__(self, session: Session) -> None:
         self.protocol = session.ctx.listener.protocol
@@ -335,9 +377,13 @@ class _RelayRecord:
         self.backend = session.backend
         self.started = session.started
         self.attempts = session.attempts
+        self.release: Callable[[], None] | None = None  # the backend's session count
 
     def done(self, relay: Relay) -> None:
         self.sessions.relays.discard(relay)
+        if self.release is not None:
+            self.release()
+            self.release = None
         metrics.ACTIVE_RELAY.dec()
         reason = relay.ended or CloseReason.CLIENT_CLOSED
         metrics.count(metrics.SESSIONS, self.protocol, reason.value)
@@ -379,6 +425,23 @@ def _client_info(chan: Channel, protocol: str) -> ClientInfo:
         local_port=int(local[1]),
         tls=tls_info(transport),
     )
+
+
+_DEFAULT_ROUTER: BackendRouter | None = None
+
+
+def _router_of(authenticator: Authenticator) -> BackendRouter:
+    """The router the authenticator chain carries (auth/factory.py), else one with no pools
+    and no listeners to guard: the behaviour before pools existed."""
+    global _DEFAULT_ROUTER
+    router = getattr(authenticator, "router", None)
+    if isinstance(router, BackendRouter):
+        return router
+    if _DEFAULT_ROUTER is None:
+        from mailgate.loopguard import LoopGuard
+
+        _DEFAULT_ROUTER = BackendRouter((), LoopGuard(()))
+    return _DEFAULT_ROUTER
 
 
 def _safe(text: str) -> str:

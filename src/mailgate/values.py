@@ -130,6 +130,9 @@ class Route:
     # key on (a database may match "Victim@Example.com " to "victim@example.com").
     # Metadata, not part of the decision's value: it never reaches the client or the backend.
     identity: str | None = field(default=None, compare=False)
+    # A [[pool]] that chooses the member (a directory mailstore's `pool`); None: host:port
+    # (which may still be a pool member, or a pool's name).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

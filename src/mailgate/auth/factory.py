@@ -32,4 +32,10 @@ def build_authenticator(settings: Settings) -> Authenticator:
         from mailgate.auth.throttle import Throttled
 
         auth = Throttled(auth, settings.throttle)
+    if settings.listeners:
+        # A bridge until server.py builds the router itself (ListenerContext.router): the
+        # composition root is the one place of auth/ that may know the backend router.
+        from mailgate.backend.routing import WithRouter
+
+        auth = WithRouter(auth, settings)
     return auth

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from harness import FakeAuth, free_port, listener, route_to, running_auth, running_proxy
 from prometheus_client import REGISTRY
 
+from harness import FakeAuth, free_port, listener, route_to, running_auth, running_proxy
 from mailgate.backend import pools as P
 from mailgate.backend.routing import BackendRouter
 

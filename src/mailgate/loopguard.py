@@ -18,6 +18,7 @@ a set lookup per login.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ _FIB_TRIE = Path("/proc/net/fib_trie")
 _IF_INET6 = Path("/proc/net/if_inet6")
 
 
+@functools.lru_cache(maxsize=4096)  # routes name a few hosts; parsing showed in profiles
 def _address(text: str) -> IPAddress | None:
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
@@ -112,7 +114,7 @@ class LoopGuard:
         """The same for a connected socket's peer address ((ip, port, ...) from getpeername)."""
         if not isinstance(peer, tuple) or len(peer) < 2:
             return None
-        ip = _address(str(peer[0]))
+        ip = _address(peer[0]) if isinstance(peer[0], str) else None
         return None if ip is None else self._check(ip, int(peer[1]))
 
     def _check(self, ip: IPAddress, port: int) -> str | None:

@@ -27,7 +27,7 @@ from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
 from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
 from mailgate.backend.connect import make_core as make_login_core
-from mailgate.backend.routing import BackendRouter, NoBackend, Target, affinity_key
+from mailgate.backend.routing import BackendRouter, NoBackend, Plan, Target, affinity_key
 from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
 from mailgate.netio import Channel, exchange
 from mailgate.protocols.core import PreAuthCore
@@ -57,6 +57,9 @@ _refusals = RateLimitedLog(log)
 _SALT_SERIAL = itertools.count(secrets.randbits(48))
 # An auth service may ask for a long Auth-Wait; the client is not held longer than this.
 MAX_AUTH_WAIT = 30.0
+# Hops a login may still take through proxies (IMAP ID "x-proxy-ttl"): Dovecot's default
+# proxy_ttl. A proxy in front may say fewer; a client cannot make it more.
+PROXY_TTL = 5
 
 
 class Handshakes:
@@ -292,11 +295,19 @@ class Session:
         at one of our own listeners. Nothing to try is a fast temporary failure."""
         ctx, protocol = self.ctx, self.ctx.listener.protocol
         router = ctx.router or _router_of(ctx.authenticator)
-        plan = router.plan(route, protocol, affinity_key(route, self.client.ip))
+        hops = PROXY_TTL if creds.proxy_ttl is None else min(creds.proxy_ttl, PROXY_TTL)
+        plan: Plan | NoBackend
+        if hops <= 1:  # proxies in front of us used up the hops: a loop between proxies
+            reason = f"x-proxy-ttl {creds.proxy_ttl} from the client: no hop left (a loop?)"
+            plan = NoBackend(reason, "loop")
+        else:
+            plan = router.plan(route, protocol, affinity_key(route, self.client.ip))
         failure: BackendError | None = None
         while not isinstance(plan, NoBackend) and (target := plan.next()) is not None:
             self.backend = target.name
-            core = make_login_core(protocol, target.route, ctx.backend, self.client, creds)
+            core = make_login_core(
+                protocol, target.route, ctx.backend, self.client, creds, proxy_ttl=hops - 1
+            )
             try:
                 conn = await login(target.route, ctx.backend, core, router.guard.refuses_peer)
             except BackendError as e:

@@ -75,6 +75,9 @@ class Credentials:
     smtp_helo: str | None = None
     smtp_from: str | None = None
     smtp_to: str | None = None
+    # IMAP: the hops left that a proxy in front said in its ID ("x-proxy-ttl", Dovecot's
+    # loop marker); None when none was said.
+    proxy_ttl: int | None = None
 
     @property
     def envelope(self) -> tuple[bytes, ...]:

@@ -304,3 +304,39 @@ def test_a_probe_event_is_not_lost_between_processes() -> None:
         other.apply_remote(P.HealthEvent.from_json(wire))
     assert other.describe()[0]["state"] == "draining"
     assert socket  # imported for the fakes above
+
+
+def test_a_login_whose_hops_ran_out_is_refused_and_the_rest_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another proxy in front says x-proxy-ttl 1: proxying once more would be a loop."""
+    with imap_server() as store, running_auth(FakeAuth(route_to(port_of(store)))) as auth:
+        raw = config(auth.url)
+        with running_proxy(raw) as proxy:
+            with imaplib.IMAP4("127.0.0.1", proxy.port("imap"), timeout=10) as client:
+                client.xatom("ID", '("x-proxy-ttl" "1")')
+                with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+                    client.login("alice", "pw")
+            assert store.accepted == 0
+            with imaplib.IMAP4("127.0.0.1", proxy.port("imap"), timeout=10) as client:
+                client.xatom("ID", '("x-proxy-ttl" "2")')
+                client.login("alice", "pw")
+            assert store.accepted == 1
+    assert any("x-proxy-ttl 1" in r.getMessage() for r in caplog.records)
+
+
+def test_the_backend_is_told_the_hops_left() -> None:
+    from harness import imap_backend, running_backend
+
+    fake = imap_backend(password="pw")
+    with running_backend(fake), running_auth(FakeAuth(route_to(fake.port))) as auth:
+        raw = config(auth.url)
+        raw["backend"]["forward_client"] = True
+        with running_proxy(raw) as proxy:
+            with imaplib.IMAP4("127.0.0.1", proxy.port("imap"), timeout=10) as client:
+                client.xatom("ID", '("x-proxy-ttl" "3")')
+                client.login("alice", "pw")
+            with imaplib.IMAP4("127.0.0.1", proxy.port("imap"), timeout=10) as client:
+                client.login("alice", "pw")
+    ids = [line for line in fake.lines if b" ID (" in line]
+    assert b'"x-proxy-ttl" "2"' in ids[0] and b'"x-proxy-ttl" "4"' in ids[1], ids

@@ -70,14 +70,25 @@ class BackendConnection:
 
 
 def make_core(
-    protocol: str, route: Route, opts: BackendOptions, client: ClientInfo, creds: Credentials
+    protocol: str,
+    route: Route,
+    opts: BackendOptions,
+    client: ClientInfo,
+    creds: Credentials,
+    proxy_ttl: int | None = None,
 ) -> LoginCore:
-    """The login core for this route; an SMTP login replays what the client said (`creds`)."""
+    """The login core for this route; an SMTP login replays what the client said (`creds`).
+    `proxy_ttl`: the hops left for the backend (IMAP ID "x-proxy-ttl", with forward_client)."""
     starttls = (route.tls or opts.tls) is BackendTLS.STARTTLS
     forward = client if opts.forward_client else None
     if protocol == "imap":
         return ImapLogin(
-            route.user, route.secret, starttls=starttls, mechanism=opts.imap_auth, forward=forward
+            route.user,
+            route.secret,
+            starttls=starttls,
+            mechanism=opts.imap_auth,
+            forward=forward,
+            proxy_ttl=proxy_ttl,
         )
     if protocol == "pop3":
         return Pop3Login(

@@ -297,9 +297,11 @@ def _make_maildir(mail_root: Path, user: str) -> Path:
     return home
 
 
-def _write_users(root: Path, users: dict[str, str], master: tuple[str, str] | None) -> Path:
+def _write_users(
+    root: Path, users: dict[str, str], master: tuple[str, str] | None, mail: Path | None = None
+) -> Path:
     """passwd-files with homes relative to the mail chroot; returns the mail dir."""
-    mail, state = root / "mail", root / "state"
+    mail, state = mail or root / "mail", root / "state"
     mail.mkdir(exist_ok=True)
     state.mkdir(exist_ok=True)
     shutil.chown(mail, MAIL_USER, MAIL_USER)
@@ -351,14 +353,16 @@ def start_dovecot(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     trusted_networks: str = "127.0.0.0/8",
+    mail_dir: Path | None = None,
 ) -> Peer:
-    """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>."""
+    """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>
+    (or in `mail_dir`: two Dovecots given the same one share their mail storage)."""
     if dovecot_version() >= (2, 4):
         raise PeerError("Dovecot 2.4 changed the config syntax; only 2.3 is supported here")
     if (imaps_port or pop3s_port) and not (tls_cert and tls_key):
         raise ValueError("implicit TLS ports need tls_cert and tls_key")
     root, cleanup = _workdir(workdir, name), list[Path]()
-    mail = _write_users(root, users, master)
+    mail = _write_users(root, users, master, mail_dir.resolve() if mail_dir else None)
     named = {"imap": imap_port, "pop3": pop3_port, "imaps": imaps_port, "pop3s": pop3s_port,
              "submission": submission_port}  # fmt: skip
     ports = {k: v for k, v in named.items() if v}

@@ -47,6 +47,7 @@ class MailstoreInfo:
     domains: int
     users: int  # users moved here (not counting the domains' users)
     smtp_login: str | None = None  # None: [backend] smtp_mode
+    pool: str | None = None  # a [[pool]] that chooses the host (schema version 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +122,12 @@ async def add_mailstore(
     master_user: str | None = None,
     master_password: Secret | None = None,
     smtp_login: str | None = None,
+    pool: str | None = None,
 ) -> None:
     _check_name(name)
     _check_host(host)
+    if pool is not None:
+        _check_pool(pool)
     if smtp_login is not None and smtp_login not in schema.SMTP_LOGINS:
         raise AdminError(f"smtp login must be one of {', '.join(schema.SMTP_LOGINS)}")
     for port in (imap_port, pop3_port, smtp_port):
@@ -153,6 +157,7 @@ async def add_mailstore(
                 master_password=master_password.reveal() if master_password else None,
                 active=True,
                 smtp_login=smtp_login,
+                pool=pool,
             )
         )
 
@@ -178,9 +183,19 @@ async def list_mailstores(engine: AsyncEngine) -> list[MailstoreInfo]:
             int(r["n_domains"]),
             int(r["n_users"]),
             r["smtp_login"],
+            r["pool"],
         )
         for r in rows
     ]
+
+
+async def set_mailstore_pool(engine: AsyncEngine, name: str, pool: str | None) -> None:
+    """Send the mailstore's logins to the [[pool]] `pool` (None: to its host again)."""
+    if pool is not None:
+        _check_pool(pool)
+    async with _transaction(engine) as conn:
+        ms_id = await _require(conn, mailstores, name, "mailstore")
+        await conn.execute(mailstores.update().where(mailstores.c.id == ms_id).values(pool=pool))
 
 
 async def remove_mailstore(engine: AsyncEngine, name: str) -> None:
@@ -359,6 +374,15 @@ async def list_users(engine: AsyncEngine, domain: str | None = None) -> list[Use
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise AdminError(f"mailstore name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-'")
+
+
+def _check_pool(pool: str) -> None:
+    """A [[pool]] name as config.py accepts it (whether the config has it is seen at login:
+    the directory does not read the config file)."""
+    if not (0 < len(pool) <= schema.MAX_NAME) or not pool.isprintable() or " " in pool:
+        raise AdminError(f"pool name {pool[:80]!r}: a word of 1-64 printable characters")
+    if "/" in pool:
+        raise AdminError(f"pool name {pool[:80]!r}: must not contain '/'")
 
 
 def _check_host(host: str) -> None:

@@ -82,7 +82,11 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
         choices=SMTP_LOGINS,
         help="hand SMTP sessions over by XCLIENT or AUTH (default: [backend] smtp_mode)",
     )
+    p.add_argument("--pool", help="a [[pool]] of the config that chooses the host instead")
     leaf(m, "list", "list mailstores", _mailstore_list)
+    p = leaf(m, "set-pool", "send a mailstore's logins to a [[pool]]", _mailstore_set_pool)
+    p.add_argument("name")
+    p.add_argument("pool", nargs="?", help="omit to send them to the mailstore's host again")
     for name, run in (("remove", _mailstore_remove), ("enable", _mailstore_enable)):
         leaf(m, name, f"{name} a mailstore", run).add_argument("name")
     leaf(m, "disable", "refuse logins to a mailstore", _mailstore_disable).add_argument("name")
@@ -328,6 +332,7 @@ async def _mailstore_add(args: argparse.Namespace, s: DirectorySettings) -> int:
             master_user=args.master_user,
             master_password=master,
             smtp_login=args.smtp_login,
+            pool=args.pool,
         ),
     )
     print(f"mailstore {args.name} added")
@@ -349,6 +354,7 @@ async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int
             "DOMAINS",
             "MOVED",
             "SMTP-LOGIN",
+            "POOL",
         ),
         [
             (
@@ -363,10 +369,18 @@ async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int
                 m.domains,
                 m.users,
                 m.smtp_login,
+                m.pool,
             )
             for m in found
         ],
     )
+    return EXIT_OK
+
+
+async def _mailstore_set_pool(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.set_mailstore_pool(e, args.name, args.pool))
+    where = f"pool {args.pool}" if args.pool else "its host"
+    print(f"mailstore {args.name}: logins go to {where}")
     return EXIT_OK
 
 

@@ -151,8 +151,23 @@ def _backend(args: argparse.Namespace, path: Any) -> int:
         print(f"mailgate: backend {args.action} needs a NAME", file=sys.stderr)
         return EXIT_USAGE
     answer = request(path, {"op": "backend", "action": args.action, "name": args.name})
-    json.dump(answer["workers"][0] if answer["workers"] else {}, sys.stdout, indent=2)
-    print()
+    members = answer.get("members")
+    if members is None:
+        print(f"{args.action}: {', '.join(str(e) for e in answer.get('events', [])) or 'done'}")
+        return EXIT_OK
+    rows = [
+        (
+            f"{m['pool']}/{m['member']}",
+            str(m.get("host", "")),
+            str(m.get("state", "")),
+            str(m.get("admin", "")),
+            str(m.get("failures", 0)),
+            str(m.get("weight", "")),
+            str(m.get("sessions", 0)),
+        )
+        for m in members
+    ]
+    _table(("MEMBER", "HOST", "STATE", "ADMIN", "FAILURES", "WEIGHT", "SESSIONS"), rows)
     return EXIT_OK
 
 

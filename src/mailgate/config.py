@@ -235,6 +235,8 @@ class Settings:
     # Clients on these networks are trusted (issue 8: e.g. exempt from throttling).
     trusted_networks: NetworkList = EMPTY
     source: Path | None = None
+    # [[pool]]: groups of mailstores with health checks (backend/pools.py).
+    pools: tuple[PoolSettings, ...] = ()
 
 
 def control_socket_path(settings: Settings) -> Path | None:
@@ -296,8 +298,10 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         pid_file=t.path("pid_file"),
         trusted_networks=_networks(t, "trusted_networks"),
         source=source,
+        pools=_pools(t),
     )
     t.check_unknown()
+    _check_pool_tls(settings)
     return settings
 
 
@@ -562,6 +566,159 @@ def parse_address(value: str, key: str) -> tuple[str, int]:
         raise ConfigError(f"{key}: expected host:port, got {value!r}")
     host = host.strip("[]")
     return ("" if host in ("*", "") else host), int(port_text)
+
+
+# --- [[pool]]: mailstores with health checks ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMemberSettings:
+    name: str  # unique in its pool: what `mailgate backend down NAME` and metrics call it
+    host: str
+    ports: Mapping[str, int]  # every protocol's port: its own, the member's `port`, or default
+    weight: float = 1.0  # share of users, relative to the other members
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """A pool of mailstores (backend/pools.py has the rules; docs/configuration.md each key)."""
+
+    name: str
+    members: tuple[PoolMemberSettings, ...]
+    # Every member can serve every user (shared mailbox storage): a user goes to the first
+    # member in their rendezvous order that takes logins. Without it, a user's member is
+    # fixed and a member that is down means a fast temporary failure.
+    shared_storage: bool = False
+    tls: BackendTLS | None = None  # None: the route's, else [backend] tls
+    # Active checks: connect, read the greeting (and TLS with check_tls). 0 turns them off.
+    check_interval: float = 5.0
+    check_timeout: float = 2.0
+    check_tls: bool = False
+    check_protocol: str = "imap"  # whose port and greeting the check uses
+    # Consecutive failures (checks and temporary login failures alike) that mark it down.
+    failures_to_down: int = 3
+    # Circuit breaker: a down member gets one probe (a check or a login) after this long.
+    half_open_after: float = 10.0
+    # After an outage, new logins are let back in over this many seconds (a growing share
+    # of users), so that every client waiting to reconnect does not arrive at once.
+    reconnect_spread: float = 30.0
+
+
+def _pools(t: _Table) -> tuple[PoolSettings, ...]:
+    pools = tuple(_pool(pt) for pt in t.tables("pool"))
+    names = [p.name for p in pools]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"pool {name!r}: two [[pool]] tables have this name")
+    _check_shared_members(pools)
+    return pools
+
+
+def _pool(t: _Table) -> PoolSettings:
+    name = t.required("name", str)
+    if not name or not name.isprintable() or " " in name or "/" in name:
+        raise ConfigError(f"{t.key('name')}: must be a word without spaces or '/'")
+    raw_members = t.get("members", list, [])
+    if not raw_members:
+        raise ConfigError(f"{t.key('members')}: pool {name!r} has no members")
+    members = tuple(
+        _pool_member(raw, f"{t.key('members')}[{i}]", t.base_dir)
+        for i, raw in enumerate(raw_members)
+    )
+    seen = [m.name for m in members]
+    for member in seen:
+        if seen.count(member) > 1:
+            raise ConfigError(f"{t.key('members')}: two members are named {member!r}")
+    tls = t.get("tls", str, None)
+    if tls is not None and tls not in tuple(m.value for m in BackendTLS):
+        raise ConfigError(f"{t.key('tls')}: must be one of none, starttls, implicit")
+    failures = t.integer("failures_to_down", 3)
+    if failures < 1:
+        raise ConfigError(f"{t.key('failures_to_down')}: must be at least 1")
+    settings = PoolSettings(
+        name=name,
+        members=members,
+        shared_storage=t.get("shared_storage", bool, False),
+        tls=BackendTLS(tls) if tls is not None else None,
+        check_interval=t.number("check_interval", 5.0),
+        check_timeout=t.timeout("check_timeout", 2.0),
+        check_tls=t.get("check_tls", bool, False),
+        check_protocol=t.choice("check_protocol", PROTOCOLS, "imap"),
+        failures_to_down=failures,
+        half_open_after=t.timeout("half_open_after", 10.0),
+        reconnect_spread=t.number("reconnect_spread", 30.0),
+    )
+    t.check_unknown()
+    return settings
+
+
+def _pool_member(raw: Any, key: str, base_dir: Path) -> PoolMemberSettings:
+    """`"host:port"`, `"host"`, or `{host, port | imap/pop3/smtp, weight, name}`."""
+    if isinstance(raw, str):
+        host, port = _member_address(raw, key)
+        ports = {p: port or DEFAULT_PORTS[p] for p in PROTOCOLS}
+        return PoolMemberSettings(raw if port else host, host, ports)
+    m = _Table(raw, key, base_dir)
+    host = m.required("host", str)
+    if not host or not all(c.isalnum() or c in ".-_:" for c in host):
+        raise ConfigError(f"{m.key('host')}: must be a host name or an address")
+    base = m.port("port", 0) if "port" in m.raw else None
+    ports = {p: m.port(p, base or DEFAULT_PORTS[p]) for p in PROTOCOLS}
+    weight = m.get("weight", (int, float), 1)
+    if not weight > 0:
+        raise ConfigError(f"{m.key('weight')}: must be a positive number")
+    first = base or next((ports[p] for p in PROTOCOLS if p in m.raw), None)
+    default_name = _host_port(host, first) if first else host
+    name = m.get("name", str, default_name)
+    if not name or not name.isprintable() or " " in name or "/" in name:
+        raise ConfigError(f"{m.key('name')}: must be a word without spaces or '/'")
+    m.check_unknown()
+    return PoolMemberSettings(name, host, ports, float(weight))
+
+
+def _member_address(value: str, key: str) -> tuple[str, int | None]:
+    """'10.0.0.5:143' -> ('10.0.0.5', 143); 'store1' -> ('store1', None); '[::1]:143'."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        port_text = rest.removeprefix(":") if sep else "x"
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:  # a host name, an IPv4 address, or a bare IPv6 address
+        host, port_text = value, ""
+    if not host or (port_text and not port_text.isdigit()):
+        raise ConfigError(f"{key}: expected host or host:port, got {value!r}")
+    port = int(port_text) if port_text else None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"{key}: {port} is not a port from 1 to 65535")
+    return host, port
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_shared_members(pools: tuple[PoolSettings, ...]) -> None:
+    """An address (host and port) may be a member of one pool only: an auth_http answer that
+    names it must get one pool's rules."""
+    owner: dict[tuple[str, int], str] = {}
+    for pool in pools:
+        for member in pool.members:
+            for address in {(member.host, port) for port in member.ports.values()}:
+                other = owner.setdefault(address, pool.name)
+                if other != pool.name:
+                    raise ConfigError(
+                        f"pool {pool.name!r}: member {_host_port(*address)} is also in pool"
+                        f" {other!r}; an address may be in one pool only"
+                    )
+
+
+def _check_pool_tls(settings: Settings) -> None:
+    for pool in settings.pools:
+        if pool.check_tls and (pool.tls or settings.backend.tls) is BackendTLS.NONE:
+            raise ConfigError(
+                f"pool {pool.name!r}: check_tls needs TLS towards the members"
+                " (the pool's tls, or [backend] tls)"
+            )
 
 
 class _Table:

@@ -119,8 +119,27 @@ async def _answer(request: dict[str, Any], supervisor: Supervisor) -> dict[str, 
         return {"ok": True, "workers": len(await supervisor.fanout("flush"))}
     if op == "backend":
         answers = await supervisor.fanout("backend", request.get("action"), request.get("name"))
-        return {"ok": bool(answers), "workers": answers}
+        return _backend_answer(answers)
     return {"ok": False, "error": f"unknown request {op!r}"}
+
+
+def _backend_answer(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every worker applied the command itself (one state per worker, kept alike this way);
+    the first answer speaks for them, with the members' sessions summed over the workers."""
+    if not answers:
+        return {"ok": False, "error": "no worker answered"}
+    first = dict(answers[0])
+    if "members" in first:
+        sessions: dict[tuple[str, str], int] = {}
+        for answer in answers:
+            for member in answer.get("members", []):
+                key = (member["pool"], member["member"])
+                sessions[key] = sessions.get(key, 0) + int(member.get("sessions", 0))
+        first["members"] = [
+            {**m, "sessions": sessions[(m["pool"], m["member"])]} for m in first["members"]
+        ]
+    first.setdefault("ok", True)
+    return first
 
 
 def _summary(supervisor: Supervisor, workers: list[dict[str, Any]]) -> dict[str, Any]:

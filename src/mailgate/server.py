@@ -32,6 +32,7 @@ from mailgate import preflight as preflight_checks
 from mailgate.auth import Authenticator
 from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
+from mailgate.backend.routing import BackendRouter
 from mailgate.config import ConfigError, ListenerSettings, Settings
 from mailgate.link import Link
 from mailgate.link import connect as link_connect
@@ -136,6 +137,7 @@ class Worker:
         # relayed, refused and lingering ones alike.
         self.connections = 0
         self.authenticator: Authenticator | None = None
+        self.router: BackendRouter
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -145,6 +147,14 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
+        self.router = BackendRouter.from_settings(
+            self.settings,
+            listening=[
+                (lst.host, sock.getsockname()[1])
+                for lst, sock in zip(self.settings.listeners, self.sockets, strict=True)
+            ],
+        )
+        self.router.start()
         servers = await self._listen(store)
         self.ready = True
         if self.link is not None:
@@ -154,6 +164,7 @@ class Worker:
             await self._drain(servers, self.drain_for)
         else:
             await self._shutdown(servers, self.settings.shutdown_timeout)
+        await self.router.close()
         await authenticator.close()
         if self.link is not None:
             self.link.close()
@@ -188,6 +199,7 @@ class Worker:
                 store=store,
                 limits=self.settings.limits,
                 trusted=self.settings.trusted_networks,
+                router=self.router,
             )
             if listener.tls == "implicit" or listener.proxy_protocol:
                 servers.append(Acceptor(self, ctx, sock))
@@ -247,6 +259,9 @@ class Worker:
             return True
         if op == "reopen":
             return logsetup.reopen()
+        if op == "backend":
+            action, name = args
+            return self.router.command(action, name or "")
         raise ValueError(f"unknown request {op!r}")
 
     def _supervisor_gone(self) -> None:

@@ -22,6 +22,7 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailgate import metrics
@@ -30,6 +31,7 @@ from mailgate.auth import Authenticator
 from mailgate.auth.throttle import user_key
 from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
 from mailgate.backend.connect import make_core as make_login_core
+from mailgate.backend.routing import BackendRouter, NoBackend, Plan, Target, affinity_key
 from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
 from mailgate.netio import Channel, exchange
 from mailgate.networks import NetworkList
@@ -70,6 +72,9 @@ _refusals = RateLimitedLog(log)
 _SALT_SERIAL = itertools.count(secrets.randbits(48))
 # An auth service may ask for a long Auth-Wait; the client is not held longer than this.
 MAX_AUTH_WAIT = 30.0
+# Hops a login may still take through proxies (IMAP ID "x-proxy-ttl"): Dovecot's default
+# proxy_ttl. A proxy in front may say fewer; a client cannot make it more.
+PROXY_TTL = 5
 
 
 class Handshakes:
@@ -151,6 +156,7 @@ class ListenerContext:
     store: Store  # the node's (or cluster's) session counts, for [limits] per_user ...
     limits: LimitsSettings
     trusted: NetworkList  # trusted_networks: their clients' own address counts no limit
+    router: BackendRouter  # pools, health and the loop guard (backend/routing.py)
 
 
 class Session:
@@ -165,6 +171,7 @@ class Session:
         "mailstore",
         "reason",
         "started",
+        "target",
         "user",
     )
 
@@ -178,6 +185,7 @@ class Session:
         self.attempts = 0
         self.lease: tuple[str | None, str, bool] | None = None  # the session counted in [limits]
         self.mailstore: str | None = None
+        self.target: Target | None = None  # where the backend login succeeded
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         self.client = _client_info(chan, ctx.listener.protocol)
         policy = ctx.policy
@@ -361,23 +369,54 @@ class Session:
     async def _backend_login(
         self, route: Route, creds: Credentials
     ) -> tuple[LoginOutcome, BackendConnection | None]:
-        ctx = self.ctx
-        self.backend = f"{route.host}:{route.port}"
-        self.mailstore = route.mailstore
-        core = make_login_core(ctx.listener.protocol, route, ctx.backend, self.client, creds)
-        try:
-            conn = await login(route, ctx.backend, core)
-        except BackendError as e:
-            metrics.count(metrics.LOGINS, ctx.listener.protocol, "backend_error")
-            log.warning(
-                "backend login failed for %s from %s: %s",
-                _safe(self.user),
-                self.client.ip,
-                e.detail,
+        """Log in where the route says: through its pool's members in order (each admitted
+        when tried; a shared-storage pool's next member after a temporary failure), never
+        at one of our own listeners. Nothing to try is a fast temporary failure."""
+        ctx, protocol = self.ctx, self.ctx.listener.protocol
+        router = ctx.router
+        hops = PROXY_TTL if creds.proxy_ttl is None else min(creds.proxy_ttl, PROXY_TTL)
+        plan: Plan | NoBackend
+        if hops <= 1:  # proxies in front of us used up the hops: a loop between proxies
+            reason = f"x-proxy-ttl {creds.proxy_ttl} from the client: no hop left (a loop?)"
+            plan = NoBackend(reason, "loop")
+        else:
+            plan = router.plan(route, protocol, affinity_key(route, self.client.ip))
+        failure: BackendError | None = None
+        while not isinstance(plan, NoBackend) and (target := plan.next()) is not None:
+            self.backend = target.name
+            self.mailstore = target.route.mailstore or route.mailstore
+            core = make_login_core(
+                protocol, target.route, ctx.backend, self.client, creds, proxy_ttl=hops - 1
             )
-            return e.client_reply or Unavailable(), None
-        metrics.count(metrics.LOGINS, ctx.listener.protocol, "ok")
-        return LoggedIn(conn.reply), conn
+            try:
+                conn = await login(target.route, ctx.backend, core, router.guard.refuses_peer)
+            except BackendError as e:
+                reason = router.failed(target, e)
+                log.warning(
+                    "backend login failed for %s from %s (%s): %s",
+                    _safe(self.user),
+                    self.client.ip,
+                    reason,
+                    e.detail,
+                )
+                failure = e
+                if e.temporary and e.client_reply is None:
+                    continue  # a shared-storage pool's next member, if any
+                break
+            router.succeeded(target)
+            self.target = target
+            metrics.count(metrics.LOGINS, protocol, "ok")
+            return LoggedIn(conn.reply), conn
+        metrics.count(metrics.LOGINS, protocol, "backend_error")
+        if failure is None:  # nothing was tried: no member takes logins, or a loop
+            refusal = plan if isinstance(plan, NoBackend) else plan.refusal()
+            router.refused(refusal)
+            self.backend = f"{refusal.pool}/-" if refusal.pool else self.backend
+            log.warning(
+                "no backend for %s from %s: %s", _safe(self.user), self.client.ip, refusal.reason
+            )
+            return Unavailable(), None
+        return failure.client_reply or Unavailable(), None
 
     def _start_relay(self, backend: BackendConnection) -> None:
         ctx, chan = self.ctx, self.chan
@@ -385,6 +424,8 @@ class Session:
         assert client_transport is not None and backend_transport is not None
         record = SessionRecord(self)
         self.lease = None  # the record gives it back when the relay ends
+        if self.target is not None:
+            record.release = ctx.router.session_started(self.target)
         relay = Relay(
             client_transport,
             backend_transport,
@@ -418,6 +459,7 @@ class SessionRecord:
         "mailstore",
         "protocol",
         "relay",
+        "release",
         "since",
         "started",
         "store",
@@ -436,6 +478,7 @@ class SessionRecord:
         self.lease = session.lease
         self.store = session.ctx.store
         self.relay: Relay | None = None
+        self.release: Callable[[], None] | None = None  # the backend's session count
 
     def describe(self) -> dict[str, object]:
         relay = self.relay
@@ -454,6 +497,9 @@ class SessionRecord:
 
     def done(self, sessions: Sessions, relay: Relay) -> None:
         sessions.relays.pop(relay, None)
+        if self.release is not None:
+            self.release()
+            self.release = None
         metrics.ACTIVE_RELAY.dec()
         if self.lease is not None:
             lease, self.lease = self.lease, None

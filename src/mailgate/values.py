@@ -75,6 +75,9 @@ class Credentials:
     smtp_helo: str | None = None
     smtp_from: str | None = None
     smtp_to: str | None = None
+    # IMAP: the hops left that a proxy in front said in its ID ("x-proxy-ttl", Dovecot's
+    # loop marker); None when none was said.
+    proxy_ttl: int | None = None
 
     @property
     def envelope(self) -> tuple[bytes, ...]:
@@ -130,6 +133,9 @@ class Route:
     # key on (a database may match "Victim@Example.com " to "victim@example.com").
     # Metadata, not part of the decision's value: it never reaches the client or the backend.
     identity: str | None = field(default=None, compare=False)
+    # A [[pool]] that chooses the member (a directory mailstore's `pool`); None: host:port
+    # (which may still be a pool member, or a pool's name).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

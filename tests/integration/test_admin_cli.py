@@ -156,8 +156,14 @@ def test_master_user_mailstore(ready: Cli) -> None:
     assert "m-secret" not in out and "d-pw" not in out
     code, out, _ = ready("mailstore", "list")
     assert out.splitlines()[3].split() == [
-        "store3", "10.0.0.9", "-", "-", "-", "none", "proxy", "yes", "1", "0", "-"
+        "store3", "10.0.0.9", "-", "-", "-", "none", "proxy", "yes", "1", "0", "-", "-"
     ]  # fmt: skip
+    assert ready("mailstore", "set-pool", "store3", "stores") == (
+        OK, "mailstore store3: logins go to pool stores\n", "",
+    )  # fmt: skip
+    assert ready("mailstore", "list")[1].splitlines()[3].split()[-1] == "stores"
+    assert ready("mailstore", "set-pool", "store3")[0] == OK
+    assert ready("mailstore", "list")[1].splitlines()[3].split()[-1] == "-"
 
 
 def test_refusals_name_the_problem(ready: Cli) -> None:

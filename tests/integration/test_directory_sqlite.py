@@ -224,6 +224,43 @@ class DirectoryBehaviour:
 
         run(scenario())
 
+    def test_version_3_upgrades_and_a_mailstore_sends_its_logins_to_a_pool(
+        self, db_url: str
+    ) -> None:
+        """Schema version 5: mailstores.pool names a [[pool]] that chooses the host."""
+
+        async def scenario() -> None:
+            await wipe(db_url)
+            e = make_engine(db_url, 1)
+            try:
+                await admin.init_schema(e)
+                await sql(db_url, "ALTER TABLE mailstores DROP COLUMN pool",
+                          "UPDATE mailgate_schema SET version = 3")  # fmt: skip
+                assert await admin.upgrade_schema(e) == (3, SCHEMA_VERSION)
+                await admin.add_mailstore(e, "cluster", "10.0.0.7", pool="stores")
+                with pytest.raises(admin.AdminError, match="pool name"):
+                    await admin.add_mailstore(e, "bad", "10.0.0.8", pool="a b")
+                await admin.add_domain(e, "example.com", "cluster")
+                await admin.add_user(e, "a@example.com", Secret("pw-a"), scheme="PLAIN")
+                listed = await admin.list_mailstores(e)
+                assert [(m.name, m.pool) for m in listed] == [("cluster", "stores")]
+            finally:
+                await dispose(e)
+            async with env(db_url, cache_ttl=0) as e2:
+                imap = route(await e2.auth("a@example.com", "pw-a"))
+                assert (imap.pool, imap.mailstore, imap.host) == ("stores", "cluster", "10.0.0.7")
+                relay = route(
+                    await e2.directory.authenticate(
+                        Credentials(Method.NONE, "", Secret(""), smtp_to="RCPT TO:<a@example.com>"),
+                        ClientInfo("192.0.2.7", 50123, "smtp"),
+                    )
+                )
+                assert relay.pool == "stores"
+                await admin.set_mailstore_pool(e2.engine, "cluster", None)
+                assert route(await e2.auth("a@example.com", "pw-a")).pool is None
+
+        run(scenario())
+
     def test_smtp_relay_goes_to_the_recipient_domains_mailstore(self, db_url: str) -> None:
         """Port 25 without AUTH: nginx's Auth-Method none, decided by RCPT TO's domain."""
 

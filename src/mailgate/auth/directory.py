@@ -116,6 +116,7 @@ class UserRecord:
     master_user: str | None = None
     master_password: Secret | None = None
     smtp_mode: str | None = None  # the mailstore's smtp_login
+    pool: str | None = None  # the mailstore's [[pool]], which then chooses the host
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +316,7 @@ class SqlDirectory:
             record.mailstore,
             record.smtp_mode,
             identity=record.user,
+            pool=record.pool,
         )
         # DEBUG: the session already logs one line per login; refusals are worth a line more.
         return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
@@ -331,31 +333,31 @@ class SqlDirectory:
             return Verdict(Reject("Bad recipient address", error_code=BAD_RECIPIENT), "bad RCPT")
         params = {"user": user, "domain": domain, "protocol": "smtp"}
         try:
-            host, port, tls, mailstore, mode = await self._guarded(self._query_domain, params)
+            host, port, tls, mailstore, mode, pool = await self._guarded(self._query_domain, params)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, user=user, level=logging.WARNING)
         if host is None or port is None:
             reject = Reject("Relay access denied", error_code=RELAY_DENIED)
             return Verdict(reject, f"relay to {domain} refused: not a hosted domain", user=user)
-        route = Route(host, port, "", Secret(""), tls, mailstore, mode)
+        route = Route(host, port, "", Secret(""), tls, mailstore, mode, pool=pool)
         return Verdict(route, f"relay ok: {host}:{port}", user=user, level=logging.DEBUG)
 
     async def _query_domain(
         self, engine: AsyncEngine, params: dict[str, str]
-    ) -> tuple[str | None, int | None, BackendTLS | None, str | None, str | None]:
+    ) -> tuple[str | None, int | None, BackendTLS | None, str | None, str | None, str | None]:
         async with engine.connect() as conn:
             if self._custom is not None:
                 q = self._custom.route
                 row = (await conn.execute(q.clause, q.params(params))).mappings().first()
                 host, port, problem = self._custom_route(row, "smtp")
-                return (None,) * 5 if problem else (host, port, None, host, None)
+                return (None,) * 6 if problem else (host, port, None, host, None, None)
             row = (await conn.execute(self._domain, params)).mappings().first()
         if row is None or not row["domain_active"] or not row["ms_active"]:
-            return (None,) * 5
+            return (None,) * 6
         port = row["ms_smtp_port"] or self.settings.ports.get("smtp")
         tls = BackendTLS(row["ms_tls"]) if row["ms_tls"] else None
-        return row["ms_host"], port, tls, row["ms_name"], row["ms_smtp_login"]
+        return row["ms_host"], port, tls, row["ms_name"], row["ms_smtp_login"], row["ms_pool"]
 
     # --- the lookup ------------------------------------------------------------------------------
 
@@ -430,6 +432,7 @@ class SqlDirectory:
             master_user=row["ms_master_user"],
             master_password=Secret(master) if master is not None else None,
             smtp_mode=row["ms_smtp_login"],
+            pool=row["ms_pool"],
         )
 
     async def _lookup_custom(

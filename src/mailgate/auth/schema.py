@@ -119,6 +119,9 @@ mailstores = Table(
     # Version 2: how to hand an SMTP session to this mailstore ("xclient" or "auth");
     # NULL: [backend] smtp_mode.
     Column("smtp_login", String(16), nullable=True),
+    # Version 5: a [[pool]] of the config that chooses the host for this mailstore's users
+    # (host and ports are then not used); NULL: host and ports, as before.
+    Column("pool", String(MAX_NAME), nullable=True),
     CheckConstraint("tls IN ('none', 'starttls', 'implicit')", name="mailstores_tls"),
     mysql_charset="utf8mb4",
 )
@@ -244,6 +247,13 @@ def _v3(conn: Connection) -> None:
             conn.execute(table.update().where(table.c.id == row_id).values({column.name: name}))
 
 
+def _v5(conn: Connection) -> None:
+    """mailstores.pool: the [[pool]] (by name) that serves the mailstore's users."""
+    columns = {c["name"] for c in inspect(conn).get_columns(mailstores.name)}
+    if "pool" not in columns:
+        conn.execute(text(f"ALTER TABLE mailstores ADD COLUMN pool VARCHAR({MAX_NAME}) NULL"))
+
+
 MAX_LISTED = 20  # problems a refused migration lists; the count says how many more
 
 
@@ -283,6 +293,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1),
     (2, _v2),
     (3, _v3),
+    (5, _v5),  # 4 is the OAuth columns (issue 10): merged before this one
 )
 SMTP_LOGINS = ("xclient", "auth")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -358,6 +369,7 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
             ms.c.master_password.label("ms_master_password"),
             ms.c.active.label("ms_active"),
             ms.c.smtp_login.label("ms_smtp_login"),
+            ms.c.pool.label("ms_pool"),
         )
         .select_from(users)
         .outerjoin(domains, domains.c.name == bindparam("domain"))
@@ -386,6 +398,7 @@ def builtin_domain_query() -> Select[tuple[object, ...]]:
             ms.c.tls.label("ms_tls"),
             ms.c.active.label("ms_active"),
             ms.c.smtp_login.label("ms_smtp_login"),
+            ms.c.pool.label("ms_pool"),
         )
         .select_from(domains)
         .join(ms, ms.c.id == domains.c.mailstore_id)

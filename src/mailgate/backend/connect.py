@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailgate.backend.imap import ImapLogin
@@ -25,16 +26,24 @@ class BackendError(Exception):
     """The backend could not be reached or refused the login. `detail` is for the log.
 
     `temporary`: the backend is in trouble (counts against its health) rather than refusing
-    the credentials; `client_reply`: the backend's own answer, where it is the client's too.
+    the credentials; `client_reply`: the backend's own answer, where it is the client's too;
+    `stage`: "connect" (no connection), "login" (connected), or "loop" (the connection
+    reached one of mailgate's own listeners: refused before a byte was sent).
     """
 
     def __init__(
-        self, detail: str, *, temporary: bool, client_reply: Rejected | None = None
+        self,
+        detail: str,
+        *,
+        temporary: bool,
+        client_reply: Rejected | None = None,
+        stage: str = "login",
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.temporary = temporary
         self.client_reply = client_reply
+        self.stage = stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +70,25 @@ class BackendConnection:
 
 
 def make_core(
-    protocol: str, route: Route, opts: BackendOptions, client: ClientInfo, creds: Credentials
+    protocol: str,
+    route: Route,
+    opts: BackendOptions,
+    client: ClientInfo,
+    creds: Credentials,
+    proxy_ttl: int | None = None,
 ) -> LoginCore:
-    """The login core for this route; an SMTP login replays what the client said (`creds`)."""
+    """The login core for this route; an SMTP login replays what the client said (`creds`).
+    `proxy_ttl`: the hops left for the backend (IMAP ID "x-proxy-ttl", with forward_client)."""
     starttls = (route.tls or opts.tls) is BackendTLS.STARTTLS
     forward = client if opts.forward_client else None
     if protocol == "imap":
         return ImapLogin(
-            route.user, route.secret, starttls=starttls, mechanism=opts.imap_auth, forward=forward
+            route.user,
+            route.secret,
+            starttls=starttls,
+            mechanism=opts.imap_auth,
+            forward=forward,
+            proxy_ttl=proxy_ttl,
         )
     if protocol == "pop3":
         return Pop3Login(
@@ -93,8 +113,16 @@ def make_core(
     raise ValueError(f"no backend login core for {protocol}")
 
 
-async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendConnection:
-    """Log in at route.host:route.port by driving `core` (built by make_core)."""
+async def login(
+    route: Route,
+    opts: BackendOptions,
+    core: LoginCore,
+    peer_guard: Callable[[object], str | None] | None = None,
+) -> BackendConnection:
+    """Log in at route.host:route.port by driving `core` (built by make_core).
+
+    `peer_guard(peer address)` says why the connected address must not be used (the loop
+    guard: a host name that resolved to one of our own listeners), or None."""
     mode = route.tls or opts.tls
     server_name = opts.server_name or route.host
     loop = asyncio.get_running_loop()
@@ -109,9 +137,18 @@ async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendC
                 server_hostname=server_name if mode is BackendTLS.IMPLICIT else None,
             )
     except TimeoutError:
-        raise BackendError(f"connect to {where} timed out", temporary=True) from None
+        raise BackendError(
+            f"connect to {where} timed out", temporary=True, stage="connect"
+        ) from None
     except (OSError, ssl.SSLError) as e:
-        raise BackendError(f"connect to {where} failed: {e}", temporary=True) from None
+        raise BackendError(
+            f"connect to {where} failed: {e}", temporary=True, stage="connect"
+        ) from None
+    if peer_guard is not None and channel.transport is not None:
+        loop_reason = peer_guard(channel.transport.get_extra_info("peername"))
+        if loop_reason:
+            channel.abort()
+            raise BackendError(f"{where}: {loop_reason}", temporary=True, stage="loop")
     deadline = loop.time() + opts.login_timeout
 
     async def start_tls() -> None:

@@ -116,6 +116,7 @@ class ImapLogin(LoginCore):
         "_continued",
         "_forward",
         "_mechanism",
+        "_proxy_ttl",
         "_sent_chunks",
         "_skip",
         "_starttls",
@@ -133,6 +134,7 @@ class ImapLogin(LoginCore):
         mechanism: str = "login",
         forward: ClientInfo | None = None,
         max_line: int = DEFAULT_MAX_LINE,
+        proxy_ttl: int | None = None,
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown IMAP backend mechanism {mechanism!r}")
@@ -140,6 +142,7 @@ class ImapLogin(LoginCore):
         self._starttls = starttls
         self._mechanism = mechanism
         self._forward = forward
+        self._proxy_ttl = proxy_ttl  # sent in the ID beside the client's address, if any
         self._caps: frozenset[bytes] = frozenset()
         self._sent_chunks = 0  # pieces of the login command sent so far (literals split it)
         self._skip = 0  # literal bytes of an untagged response still to be discarded
@@ -260,6 +263,8 @@ class ImapLogin(LoginCore):
             for key, value in zip(ID_FIELDS, values, strict=True)
             if forwardable(value)
         ]
+        if pairs and self._proxy_ttl is not None:
+            pairs.append(b'"x-proxy-ttl" "%d"' % self._proxy_ttl)
         if not pairs:
             return b""
         return TAG_ID + b" ID (" + b" ".join(pairs) + b")\r\n"

@@ -9,6 +9,7 @@ except its tag, so credentials are never echoed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -82,6 +83,8 @@ TOO_MANY_FAILURES = b"* BYE Too many failed logins\r\n"
 FLOODED = b"* BYE Too much input while logging in\r\n"
 LOGOUT_BYE = b"* BYE Logging out\r\n"
 ID_REPLY = b"* ID NIL\r\n"
+# Dovecot's hop counter in an ID from a proxy in front (login-proxy.c): the hops still left.
+PROXY_TTL_KEY = b"x-proxy-ttl"
 # Tagged replies: the client's tag goes before each.
 UNKNOWN = b" BAD Unknown command\r\n"
 BAD_VERB = b" BAD Missing or malformed command\r\n"
@@ -104,7 +107,7 @@ DEFAULT_REASON = "Authentication failed."
 
 
 class ImapCore(PreAuthCore):
-    __slots__ = ("_args_at", "_assembler", "_nonsync", "_tag", "_verb")
+    __slots__ = ("_args_at", "_assembler", "_nonsync", "_proxy_ttl", "_tag", "_verb")
 
     LINE_TOO_LONG = LINE_TOO_LONG
     FLOODED = FLOODED
@@ -119,6 +122,7 @@ class ImapCore(PreAuthCore):
         max_command = policy.max_line + _LITERALS_PER_COMMAND * policy.max_literal
         self._assembler = wire.CommandAssembler(policy.max_literal, max_command)
         self._nonsync = False  # the command announced a {n+} literal: its errors are fatal
+        self._proxy_ttl: int | None = None  # a proxy in front said x-proxy-ttl in its ID
 
     def greet(self) -> list[Event]:
         caps = _capabilities(self._policy, self._tls)
@@ -272,9 +276,17 @@ class ImapCore(PreAuthCore):
 
     def _id(self, tag: bytes, args: wire.Reader) -> list[Event]:
         args.sp()
-        args.id_params_list()  # parsed for its syntax only: nothing the client says is kept
+        params = args.id_params_list()  # only the loop marker is kept: the rest is the client's
         args.end()
+        ttl = next((v for k, v in params or () if k.lower() == PROXY_TTL_KEY), None)
+        if ttl is not None and ttl.isdigit() and len(ttl) <= 3:
+            self._proxy_ttl = int(ttl)
         return [Send(ID_REPLY + tag + b" OK ID completed\r\n")]
+
+    def _authenticate(self, creds: Credentials) -> list[Event]:
+        if self._proxy_ttl is not None:
+            creds = dataclasses.replace(creds, proxy_ttl=self._proxy_ttl)
+        return super()._authenticate(creds)
 
     def _login(self, tag: bytes, args: wire.Reader) -> list[Event]:
         self._check_login()

@@ -330,6 +330,7 @@ class Acceptor:
         self.tls = ctx.listener.tls == "implicit"
         self.proxied = ctx.listener.proxy_protocol
         self.loop = asyncio.get_running_loop()
+        sock.listen(BACKLOG)  # the supervisor's socket listens already; a test's may not yet
         self.loop.add_reader(sock.fileno(), self._accept_ready)
 
     def close(self) -> None:

@@ -67,14 +67,14 @@ DEFAULT = Params(
 )
 QUICK = Params(
     rounds=2,
-    logins=400,
-    tls_logins=100,
+    logins=300,
+    tls_logins=60,
     concurrency=32,
     login_seconds=2,
-    fetch_seconds=0.4,
+    fetch_seconds=0.3,
     idle=300,
     idle_seconds=15,
-    settle=0.5,
+    settle=0.3,
     warmup=30,
 )
 # One tiny strict round: its runs are the check, so no warm-up.

@@ -183,6 +183,11 @@ def idle_run(shared: Shared, path: BenchPath, p: Params) -> Result:
     time.sleep(p.settle)
     after = memory_kib(path.proxy)
     opened = first["open"] + second["open"]
+    if opened < p.idle:
+        problem = f"{path.name}: only {opened:.0f} of {p.idle} idle sessions opened"
+        if p.strict:
+            raise RuntimeError(problem)
+        print(f"  warning: {problem}")
     result = {"open": opened, "failed": first["failed"] + second["failed"], "dropped": dropped}
     for kind in ("pss", "anon"):
         result |= {

@@ -676,7 +676,8 @@ def build_paths(
         for kind in mailgate_kinds():
             name = kind.name + label
             server = kind.needs in ("mariadb", "pg")
-            if server != databases or not wanted(name, patterns):
+            # A pattern picks the compared checkout's path too (mg-http: mg-http@core).
+            if server != databases or not (wanted(name, patterns) or wanted(kind.name, patterns)):
                 continue
             if kind.needs and kind.needs not in available:
                 continue

@@ -146,7 +146,7 @@ def database_table(results: Results) -> None:
     header = ["path", *(label for label, _ in DB_COLUMNS)]
     table(
         "Database work per login (MariaDB: status counters, round trips = Questions + pings + "
-        "prepares; PostgreSQL: pg_stat_database, round trips = segments the server received)",
+        "prepares; PostgreSQL: pg_stat_database, round trips = the statements below)",
         header,
         lines,
     )

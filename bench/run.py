@@ -128,7 +128,7 @@ def mailgate_sources(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def needed_databases(patterns: list[str] | None, srcs: dict[str, Path]) -> tuple[bool, bool]:
-    names = [kind.name + label for label in srcs for kind in mailgate_kinds()]
+    names = [kind.name for kind in mailgate_kinds()]
     mariadb = wanted("seed", patterns) or any(
         wanted(n, patterns) for n in names if "mariadb" in n or "mg-seed" in n
     )

@@ -358,6 +358,13 @@ def standard_ratios() -> list[Ratio]:
             "haproxy",
         ),
         Ratio(
+            "idle session Pss_Anon, 2nd half only, mailgate / HAProxy",
+            "idle",
+            "anon_kib_per_session_2nd_half",
+            "mg-http",
+            "haproxy",
+        ),
+        Ratio(
             "idle session Pss, mailgate / nginx", "idle", "pss_kib_per_session", "mg-http", "nginx"
         ),
         Ratio(

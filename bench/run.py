@@ -53,7 +53,7 @@ from paths import (
     start_imapd,
     wanted,
 )
-from report import Results, profile_report, report
+from report import Results, Rows, profile_report, report
 
 DEFAULT = Params(
     rounds=5,
@@ -93,6 +93,8 @@ SELFTEST = Params(
 )
 # The order of the table rows (mailgate's paths follow, in paths.mailgate_kinds order).
 ORDER = ("direct", "nginx", "haproxy", "minproxy", "seed")
+# Logins through each path before its idle sessions are opened.
+IDLE_CHECK_LOGINS = 20
 # The self-test's paths: one of each kind of process and configuration (the variants left out
 # differ from these by a setting only).
 SELFTEST_PATHS = (
@@ -155,18 +157,28 @@ def warm_up(shared: Shared, paths: list[BenchPath], p: Params) -> None:
                 print(f"  note: {path.name} {run}: the server resumed no TLS session")
 
 
-def rounds(shared: Shared, paths: list[BenchPath], p: Params) -> Results:
-    results: Results = {run: {} for run in (*RUNS, "idle")}
-    # Memory first, while the proxies hold little but what start-up and warm-up left.
+def memory(shared: Shared, paths: list[BenchPath], p: Params) -> dict[str, Rows]:
+    """Memory per idle session, first: before the warm-up, so that what the proxies freed
+    after thousands of logins does not hide what the sessions cost. A few logins first bring up
+    what every session uses (the auth service's connection pool, the first backend login)."""
+    found: dict[str, Rows] = {}
+    check = dataclasses.replace(p, concurrency=min(8, p.concurrency), strict=True)
     for path in paths:
         if p.idle and path.takes("idle"):
+            login_run(shared, path, "imap", check, logins=IDLE_CHECK_LOGINS)
             r = idle_run(shared, path, p)
-            results["idle"][path.name] = [r]
+            found[path.name] = [r]
             print(
                 f"idle  {path.name:20} {r['open']:.0f} sessions: Pss "
                 f"{r['pss_kib_per_session']:.2f}, Pss_Anon {r['anon_kib_per_session']:.2f} "
                 "KiB per session"
             )
+    return found
+
+
+def rounds(shared: Shared, paths: list[BenchPath], p: Params, idle: dict[str, Rows]) -> Results:
+    results: Results = {run: {} for run in RUNS}
+    results["idle"] = idle
     for n in range(p.rounds):
         order = paths[n % len(paths) :] + paths[: n % len(paths)]  # no path always runs first
         for run in RUNS:
@@ -247,6 +259,7 @@ def comparison(args: argparse.Namespace, lab: Lab) -> None:
     print(f"{len(paths)} paths up after {time.monotonic() - started:.0f} s; temp dir {lab.tmp}")
     for path in paths:
         print(f"  {path.name:22} {path.note}")
+    idle = memory(shared, paths, p)
     if p.warmup:
         warm_up(shared, paths, p)
     statements = {}
@@ -254,7 +267,7 @@ def comparison(args: argparse.Namespace, lab: Lab) -> None:
         if isinstance(path.stats, PostgresStats) and path.takes("imap"):
             statements[path.name] = postgres_statements(shared, path, min(300, p.logins), p)
     began = time.monotonic()
-    results = rounds(shared, paths, p)
+    results = rounds(shared, paths, p, idle)
     for name, counted in statements.items():  # PostgreSQL's round trips: the counted ones
         for row in results["imap"].get(name, []):
             row["dbc_round_trips_per_login"] = counted["round_trips"]

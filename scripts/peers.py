@@ -1,4 +1,4 @@
-"""Start and stop real peers (Dovecot, nginx, MariaDB, PostgreSQL, Redis) for tests, demo and bench.
+"""Start and stop real peers (Dovecot, nginx, HAProxy, MariaDB, PostgreSQL, Redis) for tests.
 
 Every peer runs in the foreground in its own session, listens on 127.0.0.1 only, keeps its files
 under the directory it is given, and is stopped by PID. Importable, and a CLI:
@@ -459,9 +459,14 @@ def start_nginx_http_auth(
     backend_port: int,
     backend_host: str = "127.0.0.1",
     status: str = "OK",
+    http_status: int = 200,
     name: str = "nginx-auth",
 ) -> Peer:
-    """An auth_http endpoint at /auth answering every request with one fixed route."""
+    """An auth_http endpoint at /auth answering every request with one fixed route.
+
+    `http_status` is the HTTP status of the answer: many real nginx auth locations answer
+    204 (No Content) with the Auth-* headers, which nginx's mail module reads all the same.
+    """
     tmp = (workdir / name / "tmp").resolve()
     temps = "".join(
         f"  {k}_temp_path {tmp}/{k};\n"
@@ -471,9 +476,60 @@ def start_nginx_http_auth(
     adds = "".join(f"      add_header {k} {v};\n" for k, v in headers.items())
     body = (
         f"http {{\n  access_log off;\n{temps}  server {{\n    listen 127.0.0.1:{port};\n"
-        f"    location = /auth {{\n{adds}      return 200;\n    }}\n  }}\n}}\n"
+        f"    location = /auth {{\n{adds}      return {http_status};\n    }}\n  }}\n}}\n"
     )
     return _start_nginx(workdir, name, body, {"http": port})
+
+
+# ---------------------------------------------------------------- HAProxy
+
+HAPROXY_CONF = """\
+global
+  log stdout format raw local0 info
+  maxconn 4096
+defaults
+  mode tcp
+  log global
+  option tcplog
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend {name}
+  bind 127.0.0.1:{port}
+  default_backend mailgate
+backend mailgate
+  server mg1 {server}
+"""
+# HAProxy server keywords for each way of sending the PROXY header.
+SEND_PROXY = {"v2": " send-proxy-v2", "v1": " send-proxy", "none": ""}
+
+
+def start_haproxy(
+    workdir: Path,
+    *,
+    port: int,
+    backend_port: int,
+    backend_host: str = "127.0.0.1",
+    send_proxy: str = "v2",
+    check_interval: float | None = 0.2,
+    name: str = "haproxy",
+) -> Peer:
+    """HAProxy in TCP mode on 127.0.0.1:port, sending the PROXY header to one backend.
+
+    With `check_interval` (seconds) it health-checks the backend with the header too
+    (`check-send-proxy`): a v2 check arrives as a LOCAL header, then the connection closes.
+    """
+    root = _workdir(workdir, name)
+    server = f"{backend_host}:{backend_port}{SEND_PROXY[send_proxy]}"
+    if check_interval is not None:
+        server += f" check inter {int(check_interval * 1000)}ms"
+        server += " check-send-proxy" * (send_proxy != "none")
+    conf, log = root / "haproxy.cfg", root / "haproxy.log"
+    conf.write_text(HAPROXY_CONF.format(name=name, port=port, server=server))
+    _run(["haproxy", "-c", "-q", "-f", str(conf)])  # a config error is reported here, clearly
+    peer = _launch(name, ["haproxy", "-db", "-f", str(conf)], root, log)
+    peer.ports, peer.config_path = {"tcp": port}, conf
+    return _wait_ready(peer, _ports_ready(peer))
 
 
 # ---------------------------------------------------------------- databases
@@ -564,6 +620,7 @@ STARTERS: dict[str, Callable[..., Peer]] = {
     "dovecot": start_dovecot,
     "nginx-mail": start_nginx_mail,
     "nginx-auth": start_nginx_http_auth,
+    "haproxy": start_haproxy,
     "mariadb": start_mariadb,
     "postgres": start_postgres,
     "redis": start_redis,
@@ -584,6 +641,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--auth-url", help="nginx-mail: host:port/path of auth_http")
+    p.add_argument("--send-proxy", choices=sorted(SEND_PROXY), help="haproxy: header version")
+    p.add_argument("--http-status", type=int, help="nginx-auth: HTTP status of the answer")
     p.add_argument("--user", help="deliver: the recipient")
     p.add_argument("--subject", default="test message", help="deliver: the subject")
     return p

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import trustme
+
+# scripts/peers.py starts real servers; tests of every layer (and tests/e2e/mailgate_proc.py,
+# which runs mailgate as a process) import it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # The names a test server answers to: clients connect to 127.0.0.1 or localhost, and
 # mail.example.com stands for the public name (SNI, auth_http Host).

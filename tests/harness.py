@@ -126,6 +126,10 @@ def route_to(
 # --- a scriptable fake backend (fault injection) ---------------------------------------------
 
 
+# A FakeBackend handler's reply that ends with this is sent, then the connection is dropped.
+CLOSE = b"<close>"
+
+
 @dataclass
 class FakeBackend:
     """A line server: `handler(line) -> bytes to send` after sending `greeting`.
@@ -161,7 +165,9 @@ def running_backend(fake: FakeBackend) -> Iterator[FakeBackend]:
                 reply = fake.handler(line)
                 if reply is None:
                     continue
-                if reply == b"<close>":
+                if reply.endswith(CLOSE):  # send what comes before, then drop the connection
+                    writer.write(reply.removesuffix(CLOSE))
+                    await writer.drain()
                     break
                 writer.write(reply)
                 await writer.drain()
@@ -233,6 +239,13 @@ def read_until(sock: socket.socket, marker: bytes, limit: float = 10.0) -> bytes
             break
         data += chunk
     return data
+
+
+def raw_session(port: int) -> socket.socket:
+    """A plain socket to `port`, past the server's greeting."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    read_until(sock, b"\r\n")  # greeting
+    return sock
 
 
 def free_port() -> int:

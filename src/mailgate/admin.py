@@ -17,8 +17,9 @@ from sqlalchemy import ColumnElement, Table, func, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mailgate import names
 from mailgate.auth import passwords, schema
-from mailgate.auth.directory import BadUserName, normalise_user, scheme_of
+from mailgate.auth.directory import scheme_of
 from mailgate.auth.schema import domains, mailstores, users
 from mailgate.values import Secret
 
@@ -370,18 +371,24 @@ def _check_host(host: str) -> None:
 
 
 def _domain(name: str) -> str:
-    name = name.strip().lower()
+    """Stored as the directory looks it up: `names.normalise_domain` (U-labels, lower case)."""
+    try:
+        name = names.normalise_domain(name)
+    except names.BadName as e:
+        raise AdminError(f"domain refused: {e}") from None
     if len(name) > schema.MAX_DOMAIN or not _DOMAIN.match(name):
         raise AdminError(f"domain {name[:80]!r} is not a valid domain name")
     return name
 
 
 def _address(address: str) -> tuple[str, str]:
+    """Stored normalised (`names.normalise`, local part lower-cased), as logins are looked up."""
     try:
-        address, domain = normalise_user(address.strip(), lower_local=True)
-    except BadUserName as e:
+        address = names.normalise(address)
+    except names.BadName as e:
         raise AdminError(f"address refused: {e}") from None
-    if not domain or address.startswith("@") or any(c.isspace() for c in address):
+    domain = names.split(address)[1]
+    if not domain or any(c.isspace() for c in address):
         raise AdminError(f"address {address[:80]!r}: expected local-part@domain")
     return address, _domain(domain)
 

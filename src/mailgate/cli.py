@@ -8,7 +8,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from mailgate import __version__
+from mailgate import __version__, logsetup
 from mailgate.config import ConfigError, Settings, load
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -28,14 +28,19 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.listeners:
         print(f"{args.config}: no [[listener]] configured", file=sys.stderr)
         return EXIT_USAGE
-    server.configure_logging(settings.log_level)
+    logsetup.configure(settings.log_level, settings.log_file)
     return server.serve(settings)
 
 
 def _check(args: argparse.Namespace) -> int:
     settings = load(args.config)
-    from mailgate import server
+    from mailgate import preflight, server
 
+    problems = preflight.problems(settings)  # what serve would fail on, all of it at once
+    for problem in problems:
+        print(f"mailgate: configuration error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     server.preflight(settings)  # what serve would load: certificates, CA, authenticator
     for listener in settings.listeners:
         methods = ",".join(listener.auth)
@@ -52,7 +57,7 @@ def _auth_server(args: argparse.Namespace) -> int:
     from mailgate.auth.factory import build_authenticator
 
     settings = load(args.config)
-    server.configure_logging(settings.log_level)
+    logsetup.configure(settings.log_level, settings.log_file)
 
     async def run() -> None:
         authenticator = build_authenticator(settings)
@@ -68,6 +73,24 @@ def _auth_server(args: argparse.Namespace) -> int:
         pass
     finally:
         loop.close()
+    return EXIT_OK
+
+
+def _import_nginx(args: argparse.Namespace) -> int:
+    from mailgate.nginx_conf import NginxSyntaxError
+    from mailgate.nginx_import import NginxImportError, import_file
+
+    try:
+        conversion = import_file(args.file)
+    except NginxImportError as e:
+        print(f"mailgate: {args.file}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except NginxSyntaxError as e:  # names file:line itself
+        print(f"mailgate: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(conversion.toml())
+    for note in conversion.notes:
+        print(note, file=sys.stderr)
     return EXIT_OK
 
 
@@ -87,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("serve", _serve, "run the proxy")
     command("check", _check, "validate the configuration and exit")
     command("auth-server", _auth_server, "serve the nginx auth_http protocol over HTTP")
+    nginx = command(
+        "import-nginx",
+        _import_nginx,
+        "convert an nginx mail {} block to mailgate TOML (stdout); what could not be mapped "
+        "goes to stderr",
+    )
+    nginx.add_argument("file", metavar="FILE", help="nginx.conf (includes are followed)")
+    nginx.set_defaults(needs_config=False)
     try:
         from mailgate import cli_admin
     except ImportError:  # the directory's extra dependencies are not installed
@@ -103,7 +134,7 @@ def load_settings(path: str) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.config:
+    if getattr(args, "needs_config", True) and not args.config:
         parser.error("the configuration file is required: -c FILE")
     try:
         code: int = args.func(args)

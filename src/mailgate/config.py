@@ -15,25 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailgate.networks import EMPTY, NetworkList, parse_network
+from mailgate.protocols.spec import SPECS
 from mailgate.values import BackendTLS, Secret
 
-PROTOCOLS = ("imap", "pop3", "smtp")
+PROTOCOLS = tuple(SPECS)
 # Default ports of the protocols, used when a route names no port (the seed's table).
-DEFAULT_PORTS = {"imap": 143, "pop3": 110, "smtp": 25}
-AUTH_METHODS = {
-    "imap": ("login", "plain", "cram-md5"),
-    "pop3": ("user", "apop", "plain", "login", "cram-md5"),
-    "smtp": ("plain", "login", "cram-md5", "none"),
-}
-DEFAULT_AUTH = {"imap": ("login", "plain"), "pop3": ("user", "plain"), "smtp": ("plain", "login")}
-DEFAULT_CAPABILITIES = {
-    # What Dovecot advertises before login; the backend's own list is passed on after login.
-    "imap": ("IMAP4rev1", "IDLE", "ENABLE"),
-    "pop3": ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"),
-    # 35882577 is nginx's and Postfix's customary SIZE; an operator sets the backend's own.
-    "smtp": ("SIZE 35882577", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
-}
-DEFAULT_GREETING = {"imap": "mailgate ready.", "pop3": "mailgate ready.", "smtp": "mailgate ESMTP"}
+DEFAULT_PORTS = {name: spec.port for name, spec in SPECS.items()}
+# Bounds of a protocol's max_line: room for a command with two credentials, and at most what
+# a pre-auth session may buffer (a line is held whole until its CRLF arrives).
+MIN_LINE = 1024
+MAX_LINE = 1024 * 1024
+# The PROXY header comes in the proxy's first segment; the spec asks receivers to wait at
+# least 3 s (one TCP retransmit) before giving up, and 5 s leaves room for a loaded proxy.
+DEFAULT_PROXY_PROTOCOL_TIMEOUT = 5.0
 
 
 class ConfigError(Exception):
@@ -48,6 +43,11 @@ class ListenerSettings:
     tls: str  # "none" | "starttls" | "implicit"
     starttls_only: bool
     auth: tuple[str, ...]  # the protocol's [section].auth unless the listener overrides it
+    # PROXY protocol v1/v2 in: every connection must start with a header, and only from
+    # these networks; the header must be complete within proxy_protocol_timeout seconds.
+    proxy_protocol: bool = False
+    trusted_proxies: NetworkList = EMPTY
+    proxy_protocol_timeout: float = DEFAULT_PROXY_PROTOCOL_TIMEOUT
 
     @property
     def address(self) -> str:
@@ -68,6 +68,10 @@ class ProtocolSettings:
     # Relay idle timeout. IMAP IDLE clients re-issue IDLE every 29 minutes (RFC 2177), so
     # anything under 30 minutes cuts them; nginx's default is 24 hours.
     proxy_timeout: float
+    # The longest wait for a reply to reach a client that does not read (nginx's `timeout`
+    # covers writes too): past it the session ends.
+    send_timeout: float = 30.0
+    max_line: int = 64 * 1024  # the longest command line before login (the protocol's default)
     greeting_delay: float = 0.0  # SMTP only: nginx smtp_greeting_delay
 
 
@@ -161,6 +165,17 @@ class ThrottleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """Bounds on what one worker accepts, checked from the moment a connection is accepted."""
+
+    # TLS handshakes in progress per worker (implicit TLS and STARTTLS): a handshake costs
+    # ~50 KB and stalls are cheap to make, so they get their own bound below max_sessions.
+    handshakes: int = 1000
+    # ... and per client address (IPv6: per /64), so one address cannot take all of them.
+    handshakes_per_ip: int = 32
+
+
+@dataclass(frozen=True, slots=True)
 class AuthServerSettings:
     listen: str = "127.0.0.1:9000"
     # Requests must carry these headers with these values (nginx auth_http_header).
@@ -177,6 +192,7 @@ class Settings:
     directory: DirectorySettings | None
     throttle: ThrottleSettings
     auth_server: AuthServerSettings
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     workers: int = 1
     # Sessions one worker holds at once (nginx: worker_connections); 0 = derived from the
     # open-file limit at start, each proxied session costing two descriptors.
@@ -184,8 +200,12 @@ class Settings:
     hostname: str = "localhost"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    # None: stderr (journald, docker). A file is reopened by logsetup.reopen() for logrotate.
+    log_file: Path | None = None
     metrics_listen: str | None = None
     pid_file: Path | None = None  # written by serve; `mailgate directory flush` signals it
+    # Clients on these networks are trusted (issue 8: e.g. exempt from throttling).
+    trusted_networks: NetworkList = EMPTY
     source: Path | None = None
 
 
@@ -227,13 +247,16 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         directory=directory,
         throttle=_throttle(t.table("throttle")),
         auth_server=_auth_server(t.table("auth_server")),
+        limits=_limits(t.table("limits")),
         workers=_workers(t.get("workers", (int, str), 1)),
         max_sessions=t.integer("max_sessions", 0),
         hostname=t.get("hostname", str, "localhost"),
         shutdown_timeout=t.timeout("shutdown_timeout", 30.0),
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+        log_file=t.path("log_file"),
         metrics_listen=t.get("metrics_listen", str, None),
         pid_file=t.path("pid_file"),
+        trusted_networks=_networks(t, "trusted_networks"),
         source=source,
     )
     t.check_unknown()
@@ -241,18 +264,24 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
 
 
 def _protocol(t: _Table, protocol: str, top: _Table) -> ProtocolSettings:
-    auth = t.str_list("auth", DEFAULT_AUTH[protocol])
+    spec = SPECS[protocol]
+    auth = t.str_list("auth", spec.default_auth)
     for method in auth:
-        if method not in AUTH_METHODS[protocol]:
+        if method not in spec.auth_methods:
             raise ConfigError(f"{t.key('auth')}: unknown method {method!r}")
+    max_line = t.integer("max_line", spec.default_max_line)
+    if not MIN_LINE <= max_line <= MAX_LINE:
+        raise ConfigError(f"{t.key('max_line')}: must be from {MIN_LINE} to {MAX_LINE}")
     settings = ProtocolSettings(
         auth=auth,
-        capabilities=t.str_list("capabilities", DEFAULT_CAPABILITIES[protocol]),
-        greeting=_line(t, "greeting", DEFAULT_GREETING[protocol]),
+        capabilities=t.str_list("capabilities", spec.default_capabilities),
+        greeting=_line(t, "greeting", spec.default_greeting),
         max_errors=t.integer("max_errors", top.integer("max_errors", 5)),
         client_timeout=t.timeout("client_timeout", top.timeout("client_timeout", 30.0)),
         login_timeout=t.timeout("login_timeout", top.timeout("login_timeout", 60.0)),
         proxy_timeout=t.timeout("proxy_timeout", top.timeout("proxy_timeout", 3600.0)),
+        send_timeout=t.timeout("send_timeout", top.timeout("send_timeout", 30.0)),
+        max_line=max_line,
         greeting_delay=t.number("greeting_delay", 0.0),
     )
     t.check_unknown()
@@ -264,14 +293,46 @@ def _listener(t: _Table, protocols: Mapping[str, ProtocolSettings]) -> ListenerS
     host, port = parse_address(t.required("listen", str), t.key("listen"))
     auth = t.str_list("auth", protocols[protocol].auth)
     for method in auth:
-        if method not in AUTH_METHODS[protocol]:
+        if method not in SPECS[protocol].auth_methods:
             raise ConfigError(f"{t.key('auth')}: unknown method {method!r}")
     tls = t.choice("tls", ("none", "starttls", "implicit"), "none")
     starttls_only = t.get("starttls_only", bool, False)
     if starttls_only and tls != "starttls":
         raise ConfigError(f"{t.key('starttls_only')}: only makes sense with tls = 'starttls'")
+    proxy_protocol, trusted_proxies, proxy_timeout = _proxy_protocol(t)
     t.check_unknown()
-    return ListenerSettings(protocol, host, port, tls, starttls_only, auth)
+    return ListenerSettings(
+        protocol, host, port, tls, starttls_only, auth, proxy_protocol, trusted_proxies,
+        proxy_timeout,
+    )  # fmt: skip
+
+
+def _proxy_protocol(t: _Table) -> tuple[bool, NetworkList, float]:
+    """A listener's proxy_protocol, trusted_proxies and proxy_protocol_timeout."""
+    enabled = t.get("proxy_protocol", bool, False)
+    proxies = _networks(t, "trusted_proxies")
+    timeout = t.timeout("proxy_protocol_timeout", DEFAULT_PROXY_PROTOCOL_TIMEOUT)
+    if enabled and not proxies:
+        # Accepting a header from anyone would let any client choose its own address.
+        raise ConfigError(
+            f"{t.key('trusted_proxies')}: required with proxy_protocol = true "
+            "(the networks of the proxies that may send the header)"
+        )
+    for key in ("trusted_proxies", "proxy_protocol_timeout"):
+        if key in t.raw and not enabled:
+            raise ConfigError(f"{t.key(key)}: only makes sense with proxy_protocol = true")
+    return enabled, proxies, timeout
+
+
+def _networks(t: _Table, key: str) -> NetworkList:
+    """A list of CIDR networks or bare addresses; a bad entry is named with its index."""
+    networks = []
+    for index, entry in enumerate(t.str_list(key, ())):
+        try:
+            networks.append(parse_network(entry))
+        except ValueError as e:
+            raise ConfigError(f"{t.key(key)}[{index}]: {e}") from None
+    return NetworkList(tuple(networks))
 
 
 def _tls(t: _Table) -> TlsSettings:
@@ -383,6 +444,19 @@ def _throttle(t: _Table) -> ThrottleSettings:
         window=t.number("window", d.window),
         redis_url=t.get("redis_url", str, None),
     )
+    t.check_unknown()
+    return settings
+
+
+def _limits(t: _Table) -> LimitsSettings:
+    d = LimitsSettings()
+    settings = LimitsSettings(
+        handshakes=t.integer("handshakes", d.handshakes),
+        handshakes_per_ip=t.integer("handshakes_per_ip", d.handshakes_per_ip),
+    )
+    for name in ("handshakes", "handshakes_per_ip"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{t.key(name)}: must be at least 1")
     t.check_unknown()
     return settings
 

@@ -5,14 +5,23 @@ straight into the other transport; when a write buffer passes its high-water mar
 `pause_writing` and we pause reading on the other side, so a fast sender cannot fill our memory
 (the bound is the transport's write buffer limit). An idle session costs two small protocol
 objects, the `Relay`, and the transports themselves.
+
+When mailgate ends a session (the backend vanished, idle timeout, shutdown, kick) the client
+gets the protocol's goodbye only at a response boundary, as the protocol's tracker sees it;
+inside a FETCH literal or a RETR body the connection is just closed, so no goodbye is ever
+stored as part of a message. A closing side lingers LINGER seconds to flush, then is aborted.
+
+The relay knows no protocol: its words and its tracker come from the session (from the
+protocol's record), so this module imports nothing of mailgate's protocols.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Protocol
 
-from mailgate.protocols.farewell import Farewell
+from mailgate.values import CloseReason, Goodbyes
 
 # asyncio's defaults are 64 KiB high / 16 KiB low. A larger window keeps the pipe full on
 # bulk FETCH/RETR without holding more than this per direction.
@@ -21,22 +30,40 @@ WRITE_LOW_WATER = 64 * 1024
 # How much of the last bytes each way we keep, to tell a normal end (LOGOUT, QUIT) from a
 # backend that went away.
 TAIL = 128
+# How long a closing side may take to flush before it is aborted.
+LINGER = 2.0
+
+
+class Boundary(Protocol):
+    """Where the backend's stream stands (see protocols/boundary.py)."""
+
+    @property
+    def at_boundary(self) -> bool: ...
+
+    def client(self, data: bytes) -> None: ...
+
+    def server(self, data: bytes) -> None: ...
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("count", "eof", "peer", "relay", "tail", "transport")
+    __slots__ = ("count", "eof", "lost", "peer", "relay", "tail", "transport", "watch")
 
-    def __init__(self, relay: Relay, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, relay: Relay, transport: asyncio.Transport, watch: Callable[[bytes], None]
+    ) -> None:
         self.relay = relay
         self.transport = transport
+        self.watch = watch  # the boundary tracker's view of this direction
         self.peer: _Side
         self.count = 0
         self.eof = False
+        self.lost = False
         self.tail = b""
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
         self.tail = data[-TAIL:]
+        self.watch(data)
         self.relay.last_activity = self.relay.loop.time()
         self.peer.transport.write(data)
 
@@ -66,7 +93,9 @@ class _Side(asyncio.Protocol):
         self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.relay.side_lost(self)
+        self.relay.descriptor_closed(self)
 
 
 class Relay:
@@ -76,12 +105,15 @@ class Relay:
         "_done",
         "_timer",
         "backend",
+        "boundary",
         "client",
         "ended",
-        "farewell",
+        "goodbyes",
         "idle_timeout",
         "last_activity",
         "loop",
+        "normal_end",
+        "on_client_lost",
         "on_done",
         "started",
     )
@@ -92,18 +124,24 @@ class Relay:
         backend: asyncio.Transport,
         *,
         idle_timeout: float,
-        farewell: Farewell,
+        goodbyes: Goodbyes,
+        boundary: Boundary,
+        normal_end: Callable[[bytes, bytes], bool],
         on_done: Callable[[Relay], None],
+        on_client_lost: Callable[[], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.client = _Side(self, client)
-        self.backend = _Side(self, backend)
+        self.boundary = boundary
+        self.client = _Side(self, client, boundary.client)
+        self.backend = _Side(self, backend, boundary.server)
         self.client.peer, self.backend.peer = self.backend, self.client
         self.idle_timeout = idle_timeout
-        self.farewell = farewell
+        self.goodbyes = goodbyes
+        self.normal_end = normal_end
         self.on_done = on_done
+        self.on_client_lost = on_client_lost  # the client's descriptor is closed
         self.started = self.last_activity = self.loop.time()
-        self.ended = "open"
+        self.ended: CloseReason | None = None
         self._done = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -127,36 +165,53 @@ class Relay:
     def _check_idle(self) -> None:
         idle = self.loop.time() - self.last_activity
         if idle >= self.idle_timeout:
-            self.ended = "idle timeout"
-            self.client.transport.write(self.farewell.idle)
-            self.close()
+            self.end(CloseReason.IDLE_TIMEOUT, self.goodbyes.idle)
         else:
             self._timer = self.loop.call_later(self.idle_timeout - idle, self._check_idle)
 
     def shutdown(self) -> None:
         """mailgate is stopping: tell the client, then cut."""
-        if self.ended == "open":
-            self.ended = "shutdown"
-            self.client.transport.write(self.farewell.shutdown)
-        self.close()
+        self.end(CloseReason.SHUTDOWN, self.goodbyes.shutdown)
 
-    def close(self) -> None:
-        for side in (self.client, self.backend):
-            side.transport.close()  # flushes what is buffered first
+    def kick(self) -> None:
+        """An operator ends the session."""
+        self.end(CloseReason.KICKED, self.goodbyes.kicked)
+
+    def end(self, reason: CloseReason, goodbye: bytes) -> None:
+        """mailgate ends the session: the goodbye goes out only at a response boundary."""
+        if self._done:
+            return
+        if self.ended is None:
+            self.ended = reason
+            if self.boundary.at_boundary and not self.client.lost:
+                self.client.transport.write(goodbye)
+        self._close()
+        self._finish()
 
     def side_lost(self, side: _Side) -> None:
         if self._done:
             return
-        if self.ended == "open":
+        if self.ended is None:
             if side is self.client or self.client.eof:  # the backend answered a half-close
-                self.ended = "client closed"
-            elif self.farewell.normal_end(self.client.tail, self.backend.tail):
-                self.ended = "backend closed"
+                self.ended = CloseReason.CLIENT_CLOSED
+            elif self.normal_end(self.client.tail, self.backend.tail):
+                self.ended = CloseReason.BACKEND_CLOSED
             else:
-                self.ended = "backend lost"
-                self.client.transport.write(self.farewell.backend_lost)
-        self.close()
+                self.end(CloseReason.BACKEND_LOST, self.goodbyes.backend_lost)
+                return
+        self._close()
         self._finish()
+
+    def descriptor_closed(self, side: _Side) -> None:
+        if side is self.client and self.on_client_lost is not None:
+            on_lost, self.on_client_lost = self.on_client_lost, None
+            on_lost()
+
+    def _close(self) -> None:
+        for side in (self.client, self.backend):
+            if not side.lost:
+                side.transport.close()  # flushes what is buffered first, for LINGER at most
+                self.loop.call_later(LINGER, _abort_if_open, side)
 
     def _finish(self) -> None:
         if self._done:
@@ -175,3 +230,8 @@ class Relay:
     def bytes_out(self) -> int:
         """Bytes sent to the client."""
         return self.backend.count
+
+
+def _abort_if_open(side: _Side) -> None:
+    if not side.lost:
+        side.transport.abort()

@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterable
@@ -27,11 +28,13 @@ from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
 from mailgate.config import ConfigError, ListenerSettings, Settings
 from mailgate.netio import Channel
-from mailgate.protocols.farewell import FAREWELLS
 from mailgate.protocols.policy import PreAuthPolicy
-from mailgate.session import ListenerContext, Session, Sessions
+from mailgate.protocols.spec import SPECS
+from mailgate.ratelog import RateLimitedLog
+from mailgate.session import Handshakes, ListenerContext, Session, Sessions
 
 log = logging.getLogger("mailgate.server")
+_refusals = RateLimitedLog(log)
 
 # A listen backlog large enough for a login storm after a network blip (nginx uses 511).
 BACKLOG = 511
@@ -73,6 +76,7 @@ def policy_for(settings: Settings, listener: ListenerSettings) -> PreAuthPolicy:
         greeting=proto.greeting,
         hostname=settings.hostname,
         max_errors=proto.max_errors,
+        max_line=proto.max_line,
     )
 
 
@@ -102,11 +106,14 @@ class Worker:
         self.handle_signals = handle_signals
         self.sockets = sockets
         self.sessions = Sessions()
+        self.handshakes = Handshakes(settings.limits)
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
         self.ready = False  # True once every listener accepts
         self.max_sessions = settings.max_sessions or session_capacity()
-        self.warned_full = False
+        # Client connections whose descriptor is open, from accept to close: pre-auth,
+        # relayed, refused and lingering ones alike.
+        self.connections = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,31 +122,32 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
+            loop.add_signal_handler(signal.SIGHUP, _reload_unsupported)
         server_tls = tls.server_context(self.settings.tls)
         backend = backend_options(self.settings)
-        servers = []
+        servers: list[asyncio.Server | TlsListener] = []
         for listener, sock in zip(self.settings.listeners, self.sockets, strict=True):
             ctx = ListenerContext(
                 listener=listener,
                 protocol=self.settings.protocols[listener.protocol],
+                spec=SPECS[listener.protocol],
                 policy=policy_for(self.settings, listener),
-                farewell=FAREWELLS[listener.protocol],
                 server_tls=server_tls,
                 handshake_timeout=self.settings.tls.handshake_timeout,
                 backend=backend,
                 authenticator=authenticator,
                 hostname=self.settings.hostname,
                 sessions=self.sessions,
+                handshakes=self.handshakes,
             )
+            if listener.tls == "implicit":
+                servers.append(TlsListener(self, ctx, sock))
+                continue
             servers.append(
                 await loop.create_server(
                     functools.partial(Channel, functools.partial(self._accept, ctx)),
                     sock=sock,
                     backlog=BACKLOG,
-                    ssl=server_tls if listener.tls == "implicit" else None,
-                    ssl_handshake_timeout=self.settings.tls.handshake_timeout
-                    if listener.tls == "implicit"
-                    else None,
                 )
             )
         self.ready = True
@@ -148,21 +156,34 @@ class Worker:
         await authenticator.close()
 
     def _accept(self, ctx: ListenerContext, chan: Channel) -> None:
-        if len(self.tasks) + len(self.sessions.relays) >= self.max_sessions:
-            # Refuse politely rather than run out of descriptors, which would fail the
+        """A plaintext connection (STARTTLS listeners included) is made."""
+        self.connections += 1
+        chan.on_lost = self._closed
+        if self.connections > self.max_sessions:
+            # Refuse promptly rather than run out of descriptors, which would fail the
             # backend connections of sessions already logging in.
-            chan.write(ctx.farewell.busy)
-            chan.close()
-            if not self.warned_full:
-                log.warning("max_sessions (%d) reached: refusing new sessions", self.max_sessions)
-            self.warned_full = True
+            chan.write(ctx.spec.goodbyes.busy)
+            chan.finish()
+            self.refused_busy(ctx)
             return
-        self.warned_full = False
-        task = asyncio.get_running_loop().create_task(Session(ctx, chan).run())
+        self._start(ctx, chan)
+
+    def _start(self, ctx: ListenerContext, chan: Channel) -> None:
+        task = chan.loop.create_task(Session(ctx, chan).run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _shutdown(self, servers: Iterable[asyncio.Server]) -> None:
+    def _closed(self) -> None:
+        self.connections -= 1
+
+    def refused_busy(self, ctx: ListenerContext) -> None:
+        _refusals.warning(
+            "max_sessions (%d) reached: refusing connections on %s",
+            self.max_sessions,
+            ctx.listener.address,
+        )
+
+    async def _shutdown(self, servers: Iterable[asyncio.Server | TlsListener]) -> None:
         for server in servers:
             server.close()  # stop accepting; open connections live on
         for task in list(self.tasks):
@@ -182,6 +203,82 @@ class Worker:
             await asyncio.sleep(0.1)  # let the goodbyes flush
 
 
+class TlsListener:
+    """An implicit-TLS listener (993, 995, 465) that accepts by itself, so that a connection
+    is counted from accept and its handshake is bounded, in all and per client address, before
+    any TLS work is done for it. (With create_server(ssl=...) the session would exist only
+    once the handshake is over: stalled handshakes were counted nowhere.)"""
+
+    def __init__(self, worker: Worker, ctx: ListenerContext, sock: socket.socket) -> None:
+        self.worker = worker
+        self.ctx = ctx
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        sock.listen(BACKLOG)
+        self.loop.add_reader(sock.fileno(), self._accept_ready)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: try again on the next wakeup
+                _refusals.warning("accept on %s failed: %s", self.ctx.listener.address, e)
+                return
+            self._admit(conn, str(peer[0]))
+
+    def _admit(self, conn: socket.socket, ip: str) -> None:
+        worker, ctx = self.worker, self.ctx
+        if worker.connections >= worker.max_sessions:
+            conn.close()  # a client expecting a handshake can only be closed
+            worker.refused_busy(ctx)
+            return
+        if not ctx.handshakes.begin(ip):
+            conn.close()
+            _refusals.warning("refusing a TLS handshake from %s: too many in progress", ip)
+            metrics.count(metrics.SESSIONS, ctx.listener.protocol, "too many tls handshakes")
+            return
+        worker.connections += 1
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = self.loop.create_task(self._handshake(conn, ip))
+        worker.tasks.add(task)
+        task.add_done_callback(worker.tasks.discard)
+
+    async def _handshake(self, conn: socket.socket, ip: str) -> None:
+        worker, ctx = self.worker, self.ctx
+        started = False
+
+        def made(chan: Channel) -> None:
+            nonlocal started
+            started = True
+            ctx.handshakes.end(ip)
+            chan.on_lost = worker._closed
+            worker._start(ctx, chan)
+
+        try:
+            await self.loop.connect_accepted_socket(
+                functools.partial(Channel, made),
+                sock=conn,
+                ssl=ctx.server_tls,
+                ssl_handshake_timeout=ctx.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
+            log.debug("TLS handshake with %s failed: %s", ip, type(e).__name__)
+            metrics.count(metrics.SESSIONS, ctx.listener.protocol, "tls handshake failed")
+        finally:
+            if not started:  # the handshake failed, timed out or was cancelled
+                ctx.handshakes.end(ip)
+                worker.connections -= 1
+                conn.close()
+
+
+# Connections taken per wakeup of a TLS listener before other work gets a turn.
+ACCEPT_BATCH = 64
 # Descriptors kept for everything but sessions: listeners, the auth service's pool, the
 # database pool, log files, the event loop's own.
 RESERVED_FDS = 256
@@ -197,6 +294,10 @@ def session_capacity() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
     return max(1, (soft - RESERVED_FDS) // 2)
+
+
+def _reload_unsupported() -> None:
+    log.warning("SIGHUP: reloading is not supported yet; carrying on with the running config")
 
 
 def _flush(authenticator: object) -> None:
@@ -250,9 +351,10 @@ def bind_all(settings: Settings, *, reuse_port: bool) -> list[socket.socket]:
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     preflight(settings)
-    # A cache flush (SIGUSR1) may come as soon as the pid file exists, before the workers'
-    # handlers are in place: it must never kill us (SIGUSR1's default action).
+    # A cache flush (SIGUSR1) or a reload (SIGHUP) may come as soon as the pid file exists,
+    # before the handlers are in place: neither may kill us (their default action).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.metrics_listen:
         metrics.serve(settings.metrics_listen)
     if settings.pid_file is not None:
@@ -292,6 +394,7 @@ def _supervise(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.__setitem__("signal", s))
     signal.signal(signal.SIGUSR1, lambda _s, _f: _signal_children(children, signal.SIGUSR1))
+    signal.signal(signal.SIGHUP, lambda _s, _f: _reload_unsupported())
     children: dict[int, int] = {}  # pid -> worker index
     for index in range(settings.workers):
         children[_fork_worker(settings, ports)] = index
@@ -332,6 +435,7 @@ def _fork_worker(settings: Settings, ports: list[int]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until Worker.run handles it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's business
         sockets = [
             bind(lst, port, reuse_port=True)
             for lst, port in zip(settings.listeners, ports, strict=True)

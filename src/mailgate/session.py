@@ -1,9 +1,14 @@
 """The session driver: one coroutine per client from accept to login, then a relay.
 
-It owns the socket, the timeouts and the TLS upgrade; it feeds bytes to the protocol core and
-performs the events the core returns (send, start TLS, authenticate, close). After a successful
-login it hands both transports to a `Relay` and the coroutine ends, so an idle logged-in
-session costs no coroutine frame. Exactly one log line is written per session, at its end.
+It owns the client's connection, the deadlines and the TLS handshakes; it runs the protocol
+core through the one driver loop (`netio.exchange`), asks the authenticator, logs in at the
+backend, and at success hands both transports to a `Relay` and returns, so an idle logged-in
+session costs no coroutine frame. Every session ends with one log line, written when it ends.
+
+Data moves forward only: the core hands credentials (the SMTP envelope and the attempt number
+included) to the authenticator, the decision goes to the backend login, the backend's answer
+(and, for a refused SMTP recipient, its words for the client) comes back as the outcome the
+core turns into its reply. Nothing is read back out of a core after the fact.
 """
 
 from __future__ import annotations
@@ -14,22 +19,16 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mailgate import metrics
+from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
-from mailgate.backend.connect import (
-    BackendConnection,
-    BackendError,
-    BackendOptions,
-    SmtpSession,
-    login,
-    make_core,
-)
-from mailgate.backend.smtp import SmtpLogin
-from mailgate.config import ListenerSettings, ProtocolSettings
-from mailgate.netio import Channel
+from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
+from mailgate.backend.connect import make_core as make_login_core
+from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
+from mailgate.netio import Channel, exchange
+from mailgate.protocols.core import PreAuthCore
 from mailgate.protocols.events import (
     Authenticate,
     Close,
@@ -38,26 +37,19 @@ from mailgate.protocols.events import (
     LoginOutcome,
     Rejected,
     Send,
-    StartTLS,
     Unavailable,
 )
-from mailgate.protocols.farewell import Farewell
-from mailgate.protocols.imap import ImapCore
 from mailgate.protocols.policy import PreAuthPolicy
-from mailgate.protocols.pop3 import Pop3Core
 from mailgate.protocols.smtp import SmtpCore
+from mailgate.protocols.spec import ProtocolSpec
+from mailgate.ratelog import RateLimitedLog
 from mailgate.relay import Relay
 from mailgate.tls import tls_info
-from mailgate.values import ClientInfo, Credentials, Method, Reject, Route, TempFail
+from mailgate.values import ClientInfo, CloseReason, Credentials, Reject, Route, TempFail
 
 log = logging.getLogger("mailgate.session")
+_refusals = RateLimitedLog(log)
 
-Core = ImapCore | Pop3Core | SmtpCore
-CORES: dict[str, Callable[[PreAuthPolicy, str], Core]] = {
-    "imap": ImapCore,
-    "pop3": Pop3Core,
-    "smtp": SmtpCore,
-}
 # CRAM-MD5 challenges and APOP timestamps must be unique (RFC 2195, RFC 1939): a serial from
 # a random start per process, plus the time and the host name (nginx: pid, msec and host).
 _SALT_SERIAL = itertools.count(secrets.randbits(48))
@@ -65,20 +57,34 @@ _SALT_SERIAL = itertools.count(secrets.randbits(48))
 MAX_AUTH_WAIT = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class ListenerContext:
-    """Everything the sessions of one listener share, built once at start."""
+class Handshakes:
+    """TLS handshakes in progress in this worker, in all and per client address."""
 
-    listener: ListenerSettings
-    protocol: ProtocolSettings
-    policy: PreAuthPolicy
-    farewell: Farewell
-    server_tls: ssl.SSLContext | None
-    handshake_timeout: float
-    backend: BackendOptions
-    authenticator: Authenticator
-    hostname: str
-    sessions: Sessions
+    __slots__ = ("_by_ip", "_limits", "total")
+
+    def __init__(self, limits: LimitsSettings) -> None:
+        self._limits = limits
+        self._by_ip: dict[str, int] = {}
+        self.total = 0
+
+    def begin(self, ip: str) -> bool:
+        """Count one more handshake from `ip`, unless a bound says no."""
+        key = subscriber(ip)
+        mine = self._by_ip.get(key, 0)
+        if self.total >= self._limits.handshakes or mine >= self._limits.handshakes_per_ip:
+            return False
+        self._by_ip[key] = mine + 1
+        self.total += 1
+        return True
+
+    def end(self, ip: str) -> None:
+        key = subscriber(ip)
+        left = self._by_ip.get(key, 1) - 1
+        if left > 0:
+            self._by_ip[key] = left
+        else:
+            self._by_ip.pop(key, None)
+        self.total -= 1
 
 
 class Sessions:
@@ -89,6 +95,23 @@ class Sessions:
         self.relays: set[Relay] = set()
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerContext:
+    """Everything the sessions of one listener share, built once at start."""
+
+    listener: ListenerSettings
+    protocol: ProtocolSettings
+    spec: ProtocolSpec
+    policy: PreAuthPolicy
+    server_tls: ssl.SSLContext | None
+    handshake_timeout: float
+    backend: BackendOptions
+    authenticator: Authenticator
+    hostname: str
+    sessions: Sessions
+    handshakes: Handshakes
+
+
 class Session:
     __slots__ = (
         "attempts",
@@ -97,7 +120,7 @@ class Session:
         "client",
         "core",
         "ctx",
-        "outcome",
+        "reason",
         "started",
         "user",
     )
@@ -108,70 +131,87 @@ class Session:
         self.started = time.monotonic()
         self.user = ""
         self.backend = "-"
-        self.outcome = "closed"
+        self.reason = CloseReason.EOF
         self.attempts = 0
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
-        self.core = CORES[ctx.listener.protocol](ctx.policy, salt)
+        self.core: PreAuthCore = ctx.spec.core(ctx.policy, salt)
         self.client = _client_info(chan, ctx.listener.protocol)
 
     async def run(self) -> None:
-        sessions = self.ctx.sessions
-        sessions.preauth.add(self)
+        ctx, chan = self.ctx, self.chan
+        ctx.sessions.preauth.add(self)
         metrics.ACTIVE_PREAUTH.inc()
-        relay_started = False
+        relayed = False
         try:
-            deadline = asyncio.get_running_loop().time() + self.ctx.protocol.login_timeout
-            relay_started = await self._preauth(deadline)
+            deadline = chan.loop.time() + ctx.protocol.login_timeout
+            relayed = await self._preauth(deadline)
+        except _Refused:
+            pass  # the reason is set, the refusal logged
         except TimeoutError:
-            self.outcome = "timeout"
-            self.chan.write(self.ctx.farewell.idle)
-        except OSError as e:  # a failed TLS handshake, a reset: the client's doing, no trace
-            self.outcome = f"connection error ({type(e).__name__})"
+            self.reason = CloseReason.TIMEOUT
+            chan.write(ctx.spec.goodbyes.idle)
+        except (OSError, ssl.SSLError) as e:  # a reset, a broken TLS record: the client's doing
+            self.reason = CloseReason.CONNECTION_ERROR
+            log.debug("session %s: %s", self.client.ip, type(e).__name__)
         except asyncio.CancelledError:
-            self.outcome = "shutdown"
-            self.chan.write(self.ctx.farewell.shutdown)
+            self.reason = CloseReason.SHUTDOWN
+            chan.write(ctx.spec.goodbyes.shutdown)
             raise
         except Exception:
-            self.outcome = "internal error"
+            self.reason = CloseReason.INTERNAL_ERROR
             log.exception("session %s: internal error", self.client.ip)
-            self.chan.write(self.ctx.farewell.unavailable)
+            chan.write(ctx.spec.goodbyes.unavailable)
         finally:
-            sessions.preauth.discard(self)
+            ctx.sessions.preauth.discard(self)
             metrics.ACTIVE_PREAUTH.dec()
-            if not relay_started:
-                self.chan.close()
-                metrics.count(metrics.SESSIONS, self.ctx.listener.protocol, self.outcome)
-                _log_session(_RelayRecord(self), self.outcome)
+            if not relayed:
+                chan.finish()
+                metrics.count(metrics.SESSIONS, ctx.listener.protocol, self.reason.value)
+                _log_session(_RelayRecord(self), self.reason)
+
+    # --- the phases ---------------------------------------------------------------------------
 
     async def _preauth(self, deadline: float) -> bool:
         """Run the core until login or close. True when a relay took over the connection."""
-        loop = asyncio.get_running_loop()
-        pending = await self._greeting()
+        ctx, chan, core = self.ctx, self.chan, self.core
+        events = await self._greeting()
         while True:
-            if not pending:
-                read_by = min(deadline, loop.time() + self.ctx.protocol.client_timeout)
-                pending = self.core.receive(await self.chan.recv(read_by))
+            event = await exchange(
+                chan,
+                core,
+                events,
+                read_timeout=ctx.protocol.client_timeout,
+                send_timeout=ctx.protocol.send_timeout,
+                deadline=deadline,
+                start_tls=self._start_tls,
+            )
+            if isinstance(event, Close):
+                self.reason = event.reason
+                return False
+            assert isinstance(event, Authenticate)
+            # Like nginx, read nothing more while the login is decided: what the client sends
+            # meanwhile waits in the kernel and is relayed after a successful login.
+            chan.hold()
+            outcome, backend = await self._login(event.credentials, deadline)
+            pipelined = chan.take()
+            if pipelined:
+                core.feed(pipelined)
+            if chan.closed:
+                core.feed(b"")  # EOF
+            ended = core.next_events()  # the client left, or flooded us, meanwhile
+            if ended:
+                if backend is not None:
+                    backend.channel.abort()
+                events = ended
                 continue
-            event = pending.pop(0)
-            match event:
-                case Send(data=out):
-                    self.chan.write(out)
-                case StartTLS():
-                    await self._start_tls()
-                    pending = self.core.tls_started()
-                case Authenticate(credentials=creds):
-                    async with asyncio.timeout_at(deadline):
-                        outcome, backend = await self._login(creds)
-                    pending = self.core.finish_login(outcome)
-                    if backend is not None:
-                        for ev in pending:  # the success reply, with the client's tag
-                            if isinstance(ev, Send):
-                                self.chan.write(ev.data)
-                        self._start_relay(backend)
-                        return True
-                case Close(reason=reason):
-                    self.outcome = reason
-                    return False
+            events = core.finish_login(outcome)
+            if backend is not None:
+                for reply in events:  # the success reply, with the client's tag
+                    if isinstance(reply, Send):
+                        chan.write(reply.data)
+                self._start_relay(backend)
+                return True
+            chan.release()
 
     async def _greeting(self) -> list[Event]:
         """The greeting; with SMTP's greeting_delay, first check the client waits for it."""
@@ -179,94 +219,113 @@ class Session:
         if not delay or not isinstance(self.core, SmtpCore):
             return self.core.greet()
         try:
-            async with asyncio.timeout(delay):
-                early = await self.chan.recv()
+            early = await self.chan.recv(self.chan.loop.time() + delay)
         except TimeoutError:
             return self.core.greet()
-        return self.core.early_talker() if early else self.core.receive(b"")
+        if early:
+            return self.core.early_talker()
+        self.core.feed(b"")
+        return self.core.next_events()
 
     async def _start_tls(self) -> None:
-        ctx = self.ctx.server_tls
-        assert ctx is not None  # the core only asks when the listener offers STARTTLS
-        await self.chan.start_tls(ctx, server_side=True, timeout=self.ctx.handshake_timeout)
-        self.client = _client_info(self.chan, self.ctx.listener.protocol)
-
-    async def _login(self, creds: Credentials) -> tuple[LoginOutcome, BackendConnection | None]:
-        self.attempts += 1
-        self.user = creds.user
-        if creds.attempt != self.attempts:
-            creds = replace(creds, attempt=self.attempts)
+        """STARTTLS / STLS, after the core's go-ahead: a handshake, counted against the
+        worker's handshake bounds like those of implicit-TLS listeners."""
+        ctx, ip = self.ctx, self.client.ip
+        if ctx.server_tls is None or not ctx.handshakes.begin(ip):
+            self.reason = CloseReason.HANDSHAKE_LIMIT
+            _refusals.warning("refusing a TLS handshake from %s: too many in progress", ip)
+            raise _Refused
         try:
-            decision = await self.ctx.authenticator.authenticate(creds, self.client)
+            deadline = self.chan.loop.time() + ctx.handshake_timeout
+            await self.chan.start_tls(ctx.server_tls, server_side=True, deadline=deadline)
+        except (TimeoutError, OSError, ssl.SSLError) as e:  # no goodbye into a broken handshake
+            self.reason = CloseReason.HANDSHAKE_FAILED
+            log.debug("STARTTLS with %s failed: %s", ip, type(e).__name__)
+            raise _Refused from None
+        finally:
+            ctx.handshakes.end(ip)
+        self.client = _client_info(self.chan, ctx.listener.protocol)
+
+    async def _login(
+        self, creds: Credentials, deadline: float
+    ) -> tuple[LoginOutcome, BackendConnection | None]:
+        self.attempts = creds.attempt
+        self.user = creds.user
+        try:
+            async with asyncio.timeout_at(deadline):
+                decision = await self.ctx.authenticator.authenticate(creds, self.client)
+        except TimeoutError:
+            raise
         except Exception as e:  # an authenticator must not raise; treat it as an outage
             log.error("authenticator raised %s for %s", type(e).__name__, _safe(creds.user))
             decision = TempFail("authenticator raised")
-        match decision:
-            case Route():
+        protocol = self.ctx.listener.protocol
+        if isinstance(decision, Route):
+            async with asyncio.timeout_at(deadline):
                 return await self._backend_login(decision, creds)
-            case Reject(message=message, wait=wait, error_code=code):
-                metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "rejected")
-                await asyncio.sleep(min(wait, MAX_AUTH_WAIT))
-                return Rejected(message, code), None
-            case TempFail(reason=reason, wait=wait):
-                metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "tempfail")
-                log.warning(
-                    "auth temporary failure for %s from %s: %s",
-                    _safe(creds.user),
-                    self.client.ip,
-                    reason,
-                )
-                await asyncio.sleep(min(wait, MAX_AUTH_WAIT))
-                return Unavailable(), None
-        raise AssertionError(f"unknown decision {type(decision).__name__}")
+        if isinstance(decision, Reject):
+            metrics.count(metrics.LOGINS, protocol, "rejected")
+            await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
+            return Rejected(decision.message, decision.error_code), None
+        metrics.count(metrics.LOGINS, protocol, "tempfail")
+        log.warning(
+            "auth temporary failure for %s from %s: %s",
+            _safe(creds.user),
+            self.client.ip,
+            decision.reason,
+        )
+        await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
+        return Unavailable(), None
 
     async def _backend_login(
         self, route: Route, creds: Credentials
     ) -> tuple[LoginOutcome, BackendConnection | None]:
+        ctx = self.ctx
         self.backend = f"{route.host}:{route.port}"
-        client = self.client
-        smtp = None
-        if isinstance(self.core, SmtpCore):
-            smtp = SmtpSession(creds.method is Method.NONE, self.core.helo, self.core.envelope)
-        core = make_core(self.ctx.listener.protocol, route, self.ctx.backend, client, smtp)
+        core = make_login_core(ctx.listener.protocol, route, ctx.backend, self.client, creds)
         try:
-            conn = await login(route, self.ctx.backend, core)
+            conn = await login(route, ctx.backend, core)
         except BackendError as e:
-            metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "backend_error")
+            metrics.count(metrics.LOGINS, ctx.listener.protocol, "backend_error")
             log.warning(
                 "backend login failed for %s from %s: %s",
                 _safe(self.user),
                 self.client.ip,
                 e.detail,
             )
-            # An SMTP backend refusing a relayed recipient has the last word, code and all.
-            refusal = core.envelope_rejection() if isinstance(core, SmtpLogin) else None
-            return refusal or Unavailable(), None
-        metrics.count(metrics.LOGINS, self.ctx.listener.protocol, "ok")
+            return e.client_reply or Unavailable(), None
+        metrics.count(metrics.LOGINS, ctx.listener.protocol, "ok")
         return LoggedIn(conn.reply), conn
 
     def _start_relay(self, backend: BackendConnection) -> None:
-        client_transport, backend_transport = self.chan.transport, backend.channel.transport
+        ctx, chan = self.ctx, self.chan
+        client_transport, backend_transport = chan.transport, backend.channel.transport
         assert client_transport is not None and backend_transport is not None
-        to_backend = self.core.trailing + self.chan.take_buffer()
         record = _RelayRecord(self)
         relay = Relay(
             client_transport,
             backend_transport,
-            idle_timeout=self.ctx.protocol.proxy_timeout,
-            farewell=self.ctx.farewell,
+            idle_timeout=ctx.protocol.proxy_timeout,
+            goodbyes=ctx.spec.goodbyes,
+            boundary=ctx.spec.boundary(),
+            normal_end=ctx.spec.normal_end,
             on_done=record.done,
+            on_client_lost=chan.detach(),
         )
-        self.ctx.sessions.relays.add(relay)
+        ctx.sessions.relays.add(relay)
         metrics.ACTIVE_RELAY.inc()
-        relay.start(to_backend, backend.trailing)
+        relay.start(self.core.trailing, backend.trailing)
+
+
+class _Refused(Exception):
+    """The session cannot go on and there is nothing to say; `Session.reason` says why."""
 
 
 class _RelayRecord:
     """What the end-of-session log line needs. The Session, its core, its buffers and the
     credentials are dropped when the relay starts; only this small record stays."""
 
-    __slots__ = ("backend", "client", "protocol", "sessions", "started", "user")
+    __slots__ = ("attempts", "backend", "client", "protocol", "sessions", "started", "user")
 
     def __init__(self, session: Session) -> None:
         self.protocol = session.ctx.listener.protocol
@@ -275,32 +334,35 @@ class _RelayRecord:
         self.user = session.user
         self.backend = session.backend
         self.started = session.started
+        self.attempts = session.attempts
 
     def done(self, relay: Relay) -> None:
         self.sessions.relays.discard(relay)
         metrics.ACTIVE_RELAY.dec()
-        metrics.count(metrics.SESSIONS, self.protocol, relay.ended)
+        reason = relay.ended or CloseReason.CLIENT_CLOSED
+        metrics.count(metrics.SESSIONS, self.protocol, reason.value)
         metrics.count(metrics.BYTES, self.protocol, "in", amount=relay.bytes_in)
         metrics.count(metrics.BYTES, self.protocol, "out", amount=relay.bytes_out)
-        _log_session(self, relay.ended, relay)
+        _log_session(self, reason, relay)
 
 
-def _log_session(rec: _RelayRecord, outcome: str, relay: Relay | None = None) -> None:
+def _log_session(rec: _RelayRecord, reason: CloseReason, relay: Relay | None = None) -> None:
     if not log.isEnabledFor(logging.INFO):  # skip the formatting work, once per session
         return
     c = rec.client
     traffic = f" in={relay.bytes_in} out={relay.bytes_out}" if relay else ""
     log.info(
-        "%s client=%s:%d user=%s backend=%s tls=%s%s duration=%.3f outcome=%s",
+        "%s client=%s:%d user=%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
         rec.protocol,
         c.ip,
         c.port,
         _safe(rec.user) or "-",
         rec.backend,
         c.tls.protocol if c.tls else "no",
+        rec.attempts,
         traffic,
         time.monotonic() - rec.started,
-        outcome,
+        reason.value,
     )
 
 

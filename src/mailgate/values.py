@@ -9,7 +9,7 @@ nothing else of mailgate, so cores, auth, backend logins and the relay all impor
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
 
@@ -126,6 +126,10 @@ class Route:
     tls: BackendTLS | None = None  # None: use the [backend] setting
     mailstore: str | None = None  # a name for logs and metrics
     smtp_mode: str | None = None  # "xclient" | "auth"; None: use the [backend] setting
+    # The user the authenticator matched, as it stores the name (normalised): what counters
+    # key on (a database may match "Victim@Example.com " to "victim@example.com").
+    # Metadata, not part of the decision's value: it never reaches the client or the backend.
+    identity: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,9 @@ class Reject:
     message: str = "Authentication failed."
     wait: float = 0.0
     error_code: str | None = None  # SMTP Auth-Error-Code, e.g. "535 5.7.8"
+    # As Route.identity: the stored user a wrong password (or a disabled user) was checked
+    # against; None for an unknown user or a refused name. Never shown to the client.
+    identity: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +180,25 @@ class CloseReason(Enum):
     BUSY = "max_sessions reached"
     HANDSHAKE_LIMIT = "too many tls handshakes"
     HANDSHAKE_FAILED = "tls handshake failed"
+    SESSION_LIMIT = "session limit"  # per_user, per_user_ip or per_ip (SMTP's 421)
     # After login.
     BACKEND_CLOSED = "backend closed"  # the backend said goodbye (LOGOUT, QUIT, 221)
     BACKEND_LOST = "backend lost"  # the backend went away without the protocol's goodbye
     IDLE_TIMEOUT = "idle timeout"
+    KICKED = "kicked"  # an operator ended it (mailgate kick, a user move)
     # mailgate itself.
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal error"
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbyes:
+    """What a protocol says when mailgate, not the client, ends a session (`* BYE ...`,
+    `-ERR ...`, `421 ...`), one line each with its CRLF."""
+
+    idle: bytes  # the session was idle too long (before or after login)
+    shutdown: bytes  # mailgate is stopping
+    backend_lost: bytes  # the backend closed without the protocol's goodbye
+    unavailable: bytes  # the session cannot go on (internal error): a temporary failure
+    busy: bytes  # a limit refuses the session at accept: try again later
+    kicked: bytes  # an operator ended the session (mailgate kick, a user move)

@@ -372,6 +372,34 @@ def test_auth_test_prints_the_decision(deployment: Deployment) -> None:
     assert WRONG not in done.stdout + done.stderr
 
 
+# --- the route cache holds no secret ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["own-password", "master-user"])
+def test_a_cached_login_reaches_dovecot_with_the_password_just_sent_or_the_master_password(
+    dovecot_stores: DovecotStores, tmp_path: Path, master: bool
+) -> None:
+    """The cache keeps no secret: on a hit, Dovecot gets the password the client has just
+    typed, or (for a master-user store) the master password the directory holds. Disabling
+    the user proves the second login is a hit: only the cache can still route it."""
+    settings = {
+        "shutdown_timeout": 2,
+        "directory": {"url": "sqlite:///directory.db", "cache_ttl": LONG_CACHE_TTL},
+        "throttle": {"enabled": False},
+    }
+    config = write_config(tmp_path, settings)
+    populate(config, dovecot_stores, {ALICE: "directory-only-pw" if master else ALICE.password},
+             master_on_store1=master)  # fmt: skip
+    password = "directory-only-pw" if master else ALICE.password  # Dovecot knows only ALICE's
+    with running_mailgate(tmp_path, {"imap": LISTENERS["imap"]}, settings) as mg:
+        port = mg.ports["imap"]
+        assert imap_subjects(port, ALICE.login, password) == on("store1")
+        admin_here(config, "user", "disable", ALICE.login)
+        for spelling in (ALICE.login, "  " + ALICE.login.upper(), ALICE.login + "\t"):
+            assert imap_subjects(port, spelling, password) == on("store1"), spelling
+        assert AUTH_FAILED in imap_refusal(port, ALICE.login, WRONG)  # a miss: refused
+
+
 # --- directory flush ---------------------------------------------------------------------------
 
 

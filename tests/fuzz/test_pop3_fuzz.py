@@ -9,6 +9,7 @@ import dataclasses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailgate.protocols.core import State
 from mailgate.protocols.events import (
     Authenticate,
     Close,
@@ -19,7 +20,7 @@ from mailgate.protocols.events import (
     Unavailable,
 )
 from mailgate.protocols.policy import PreAuthPolicy
-from mailgate.protocols.pop3 import Pop3Core, Pop3State
+from mailgate.protocols.pop3 import Pop3Core
 
 USER = "zq-user"
 PASSWORD = "Pw-7x!secret"  # neither may ever come back to the client
@@ -117,26 +118,26 @@ def check(events: list[object], closed_before: bool) -> None:
 def run(core: Pop3Core, steps: list[object]) -> None:
     """Apply each step; driver reports that do not fit the state are skipped, as a driver would."""
     for item in steps:
-        closed = core.state is Pop3State.CLOSED
+        closed = core.state is State.CLOSED
         if isinstance(item, bytes):
             events = core.receive(item)
         elif item == "eof":
             events = core.receive(b"")
         elif item == "tls":
-            if core.state is not Pop3State.TLS_PENDING:
+            if core.state is not State.TLS_PENDING:
                 continue
             events = core.tls_started()
         else:
-            if core.state not in (Pop3State.AUTHENTICATING, Pop3State.CLOSED):
+            if core.state not in (State.AUTHENTICATING, State.CLOSED):
                 continue
-            events = core.finish_login(item)
+            events = core.finish_login(item) + core.drain()
         check(events, closed)
         if any(isinstance(e, Authenticate) for e in events):
-            assert core.state is Pop3State.AUTHENTICATING
+            assert core.state is State.AUTHENTICATING
         if any(isinstance(e, Close) for e in events):
-            assert core.state is Pop3State.CLOSED
+            assert core.state is State.CLOSED
         if any(isinstance(e, StartTLS) for e in events):
-            assert core.state is Pop3State.TLS_PENDING
+            assert core.state is State.TLS_PENDING
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

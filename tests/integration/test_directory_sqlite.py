@@ -22,7 +22,7 @@ from sqlalchemy import MetaData, text
 from mailgate import admin
 from mailgate.auth import passwords
 from mailgate.auth.directory import SqlDirectory, engine_url
-from mailgate.auth.schema import SchemaError, dispose, make_engine
+from mailgate.auth.schema import SCHEMA_VERSION, SchemaError, dispose, make_engine
 from mailgate.config import DirectoryQueries, DirectorySettings
 from mailgate.values import (
     BackendTLS,
@@ -205,8 +205,8 @@ class DirectoryBehaviour:
                 # A database as version 1 left it: no smtp_login column.
                 await sql(db_url, "ALTER TABLE mailstores DROP COLUMN smtp_login",
                           "UPDATE mailgate_schema SET version = 1")  # fmt: skip
-                assert await admin.upgrade_schema(e) == (1, 2)
-                assert await admin.upgrade_schema(e) == (2, 2)  # idempotent
+                assert await admin.upgrade_schema(e) == (1, SCHEMA_VERSION)
+                assert await admin.upgrade_schema(e) == (SCHEMA_VERSION,) * 2  # idempotent
                 await admin.add_mailstore(e, "mx", "10.0.0.7", smtp_login="auth")
                 await admin.add_mailstore(e, "plain", "10.0.0.8")
                 with pytest.raises(admin.AdminError, match="smtp login"):
@@ -369,7 +369,7 @@ class DirectoryBehaviour:
             assert reason in caplog.text
         assert ALICE_PW not in caplog.text
 
-    def test_unknown_user_is_checked_against_the_dummy_hash(
+    def test_unknown_user_is_checked_against_a_dummy_of_its_domains_scheme(
         self, db_url: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         checked: list[str] = []
@@ -383,11 +383,17 @@ class DirectoryBehaviour:
 
         async def scenario() -> None:
             await populate(db_url)
-            async with env(db_url) as e:
+            await sql(db_url, "DELETE FROM users WHERE address = 'alice@example.com'")
+            async with env(db_url) as e:  # example.com: carol's {PLAIN}; example.org: {SSHA512}
                 assert await e.auth("nobody@example.com", "x") == FAILED
+                assert await e.auth("nobody@example.org", "x") == FAILED
+                assert await e.auth("carol@example.com", "x") == FAILED
 
         run(scenario())
-        assert checked == [passwords.DUMMY_HASH]
+        assert [value[: value.index("}") + 1] for value in checked] == [
+            "{PLAIN}", "{SSHA512}", "{PLAIN}"
+        ]  # fmt: skip
+        assert checked[0] not in ("{PLAIN}" + CAROL_PW, checked[2])  # a dummy, not carol's
 
     def test_empty_password_is_never_valid(self, db_url: str) -> None:
         # The seed's Perl compared "" with the undef of an unknown user and let it in.

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import imaplib
 import re
-import socket
 
 import pytest
 
@@ -16,6 +15,7 @@ from harness import (
     FakeAuth,
     imap_backend,
     listener,
+    raw_session,
     read_until,
     route_to,
     running_auth,
@@ -39,12 +39,6 @@ def base_config(auth_url: str, **backend: object) -> dict[str, object]:
 
 def client(port: int) -> imaplib.IMAP4:
     return imaplib.IMAP4("127.0.0.1", port, timeout=10)
-
-
-def raw_session(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    read_until(sock, b"\r\n")  # greeting
-    return sock
 
 
 def backend_login(lines: list[bytes]) -> bytes:

@@ -22,6 +22,7 @@ from harness import (
     free_port,
     imap_backend,
     listener,
+    raw_session,
     read_until,
     route_to,
     running_auth,
@@ -43,12 +44,6 @@ def base_config(auth_url: str, **imap: object) -> dict[str, object]:
 
 def client(port: int) -> imaplib.IMAP4:
     return imaplib.IMAP4("127.0.0.1", port, timeout=10)
-
-
-def raw_session(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.makefile("rb").readline()  # greeting
-    return sock
 
 
 def test_login_is_relayed_to_the_routed_backend(caplog: pytest.LogCaptureFixture) -> None:
@@ -276,7 +271,7 @@ def test_failed_tls_handshake_is_logged_without_a_traceback(
             assert read_until(sock, b"never") == b""  # the session is closed
             time.sleep(0.2)
     lines = [r.getMessage() for r in caplog.records if r.name == "mailgate.session"]
-    assert any("outcome=connection error" in line for line in lines), lines
+    assert any("outcome=tls handshake failed" in line for line in lines), lines
     assert "Traceback" not in caplog.text
 
 

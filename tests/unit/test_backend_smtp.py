@@ -15,6 +15,7 @@ import backend_script
 import pytest
 
 from mailgate.backend.smtp import MAX_COMMAND_LINE, SmtpLogin, SmtpLoginState, xtext
+from mailgate.protocols.core import State
 from mailgate.protocols.events import (
     Authenticate,
     BackendFailed,
@@ -25,7 +26,7 @@ from mailgate.protocols.events import (
     Unavailable,
 )
 from mailgate.protocols.policy import PreAuthPolicy
-from mailgate.protocols.smtp import SmtpCore, SmtpState
+from mailgate.protocols.smtp import SmtpCore
 from mailgate.values import ClientInfo, Secret
 
 MODES = ["whole", "bytes", "trailing"]
@@ -358,7 +359,6 @@ def relay_script(rcpt_reply: bytes, mail_reply: bytes = b"250 2.1.0 Ok\r\n"):
 def test_envelope_replay_ends_with_the_rcpt_reply(mode):
     core = login(user="", envelope=ENVELOPE)
     ready(core, relay_script(b"250 2.1.5 Ok\r\n"), mode, reply=b"250 2.1.5 Ok")
-    assert core.last_reply == b"250 2.1.5 Ok"
 
 
 def test_envelope_after_xclient(mode):
@@ -380,16 +380,17 @@ def test_rcpt_5xx_is_the_backends_verdict_and_stays_readable(mode):
     core = login(user="", envelope=ENVELOPE)
     final = failed(core, relay_script(b"550 5.1.1 User unknown\r\n"), mode, temporary=False)
     assert "550 5.1.1 User unknown" in final.detail
-    assert core.last_reply == b"550 5.1.1 User unknown"
+    assert final.client_reply == Rejected("User unknown", "550 5.1.1")
 
 
 def test_rcpt_4xx_and_mail_4xx_are_temporary(mode):
     core = login(user="", envelope=ENVELOPE)
-    failed(core, relay_script(b"450 4.2.0 greylisted\r\n"), mode, temporary=True)
-    assert core.last_reply == b"450 4.2.0 greylisted"
+    final = failed(core, relay_script(b"450 4.2.0 greylisted\r\n"), mode, temporary=True)
+    assert final.client_reply == Rejected("greylisted", "450 4.2.0")
     core = login(user="", envelope=ENVELOPE)
-    failed(core, relay_script(b"", mail_reply=b"451 4.3.0 try later\r\n"), mode, temporary=True)
-    assert core.last_reply == b"451 4.3.0 try later"
+    script = relay_script(b"", mail_reply=b"451 4.3.0 try later\r\n")
+    final = failed(core, script, mode, temporary=True)
+    assert final.client_reply == Rejected("try later", "451 4.3.0")
 
 
 def test_auth_then_envelope(mode):
@@ -401,21 +402,22 @@ def test_auth_then_envelope(mode):
 
 def test_envelope_rejection_carries_the_backends_code_and_text(mode):
     core = login(user="", envelope=ENVELOPE)
-    failed(core, relay_script(b"550 5.1.1 <alice@example.com>: User unknown\r\n"), mode, False)
-    assert core.envelope_rejection() == Rejected("<alice@example.com>: User unknown", "550 5.1.1")
+    script = relay_script(b"550 5.1.1 <alice@example.com>: User unknown\r\n")
+    final = failed(core, script, mode, False)
+    assert final.client_reply == Rejected("<alice@example.com>: User unknown", "550 5.1.1")
     core = login(user="", envelope=ENVELOPE)
-    failed(core, relay_script(b"450 greylisted\r\n"), mode, temporary=True)
-    assert core.envelope_rejection() == Rejected("greylisted", "450")
+    final = failed(core, relay_script(b"450 greylisted\r\n"), mode, temporary=True)
+    assert final.client_reply == Rejected("greylisted", "450")
 
 
 def test_no_envelope_rejection_for_other_failures(mode):
     script = [("S", GREET), ("C", EHLO), ("S", EHLO_AUTH), ("C", b"AUTH PLAIN " + BLOB + b"\r\n")]
     core = login("auth", envelope=ENVELOPE)
-    failed(core, [*script, ("S", b"535 5.7.8 no\r\n")], mode, temporary=False)
-    assert core.envelope_rejection() is None
+    final = failed(core, [*script, ("S", b"535 5.7.8 no\r\n")], mode, temporary=False)
+    assert final.client_reply is None
     core = login(user="", envelope=ENVELOPE)
-    failed(core, [("S", b"554 5.7.1 no service\r\n")], mode, temporary=False)
-    assert core.envelope_rejection() is None
+    final = failed(core, [("S", b"554 5.7.1 no service\r\n")], mode, temporary=False)
+    assert final.client_reply is None
 
 
 # --- the client core and the backend core together (what the driver does) -----------------------
@@ -438,7 +440,7 @@ def relay_pair(rcpt_reply: bytes):
         b"EHLO mx.sender.example\r\nMAIL FROM:<someone@sender.example>\r\n"
         b"RCPT TO:<alice@example.com>\r\nDATA\r\n"
     )
-    assert any(isinstance(e, Authenticate) for e in events)
+    (creds,) = [e.credentials for e in events if isinstance(e, Authenticate)]
     backend = SmtpLogin(
         helo_name="proxy.example",
         user="",
@@ -446,8 +448,8 @@ def relay_pair(rcpt_reply: bytes):
         mode="xclient",
         starttls=False,
         forward=FORWARD,
-        client_helo=client.helo,
-        envelope=client.envelope,
+        client_helo=creds.smtp_helo,
+        envelope=creds.envelope,
     )
     sent = []
     for data in (GREET, EHLO_XCLIENT, GREET, EHLO_PLAIN, b"250 2.1.0 Ok\r\n", rcpt_reply):
@@ -457,10 +459,10 @@ def relay_pair(rcpt_reply: bytes):
     if isinstance(final, BackendReady):
         outcome = LoggedIn(final.reply)
     else:
-        outcome = backend.envelope_rejection() or Unavailable()
+        outcome = final.client_reply or Unavailable()
     assert sent[1] == XCLIENT_LINE.replace(b" LOGIN=alice@example.com", b"")
     assert sent[2:] == [b"EHLO mx.sender.example\r\n", *(line + b"\r\n" for line in ENVELOPE)]
-    return client, client.finish_login(outcome)
+    return client, client.finish_login(outcome) + client.drain()
 
 
 def test_relay_through_both_cores_passes_the_backends_rcpt_reply():
@@ -473,4 +475,4 @@ def test_relay_through_both_cores_passes_the_backends_refusal():
     client, events = relay_pair(b"550 5.1.1 User unknown\r\n")
     # The pipelined DATA is then answered here: there is no recipient.
     assert events == [Send(b"550 5.1.1 User unknown\r\n"), Send(b"503 5.5.1 Need RCPT command\r\n")]
-    assert client.state is SmtpState.COMMAND
+    assert client.state is State.COMMAND

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import TypeVar
 
+import pytest
+
+from mailgate import names
 from mailgate.auth.cache import Cached
 from mailgate.values import (
     ClientInfo,
@@ -75,13 +80,21 @@ def make(ttl: float = 60.0, size: int = 100) -> tuple[Cached, Directory, FakeClo
     return Cached(directory, ttl=ttl, size=size, clock=clock), directory, clock
 
 
+def same(a: Decision, b: Decision) -> bool:
+    """The same cached route: one lookup (its number) and the same password for the backend."""
+    assert isinstance(a, Route) and isinstance(b, Route), (a, b)
+    secret = Secret("")  # Secret compares by identity: compare the rest, then the values
+    same_route = replace(a, secret=secret) == replace(b, secret=secret)
+    return same_route and a.secret.reveal() == b.secret.reveal()
+
+
 def test_a_hit_skips_the_directory() -> None:
     cached, directory, _ = make()
 
     async def go() -> None:
         first = await cached.authenticate(creds(), client())
         for ip in ("192.0.2.1", "192.0.2.2"):
-            assert await cached.authenticate(creds(), client(ip=ip)) is first
+            assert same(await cached.authenticate(creds(), client(ip=ip)), first)
 
     run(go())
     assert directory.calls == 1
@@ -93,7 +106,7 @@ def test_entries_expire_after_the_ttl() -> None:
     async def go() -> None:
         first = await cached.authenticate(creds(), client())
         clock.now += 59.9
-        assert await cached.authenticate(creds(), client()) is first
+        assert same(await cached.authenticate(creds(), client()), first)
         clock.now += 0.2
         second = await cached.authenticate(creds(), client())
         assert isinstance(second, Route)
@@ -146,7 +159,7 @@ def test_a_different_password_protocol_or_user_misses() -> None:
         await cached.authenticate(creds(), client())
         assert await cached.authenticate(creds(password=PASSWORD + "x"), client()) == Reject()
         await cached.authenticate(creds(), client("pop3"))
-        await cached.authenticate(creds("Alice"), client())
+        await cached.authenticate(creds("alicia"), client())
         await cached.authenticate(creds(method=Method.LOGIN), client())
 
     run(go())
@@ -243,7 +256,154 @@ def test_a_login_after_flush_does_not_join_a_lookup_from_before() -> None:
         first, second = await before, await after
         assert isinstance(first, Route) and isinstance(second, Route)
         directory.gate = None
-        assert await cached.authenticate(creds(), client()) is second
+        assert same(await cached.authenticate(creds(), client()), second)
 
     run(go())
     assert directory.calls == 2
+
+
+# --- no secret in the cache (issue 8, item 4) -------------------------------------------------
+
+MASTER = "the-master-password"
+
+
+class MasterDirectory(Directory):
+    """Routes to a master-user mailstore: the backend login uses the master password, which the
+    directory keeps (as SqlDirectory does) and hands to the cache on a hit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.master: Secret | None = Secret(MASTER)
+
+    async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision:
+        decision = await super().authenticate(creds, client)
+        if not isinstance(decision, Route) or self.master is None:
+            return decision
+        return replace(decision, user=creds.user + "*proxy", secret=self.master)
+
+    def master_secret(self, route: Route) -> Secret | None:
+        return self.master if route.user.endswith("*proxy") else None
+
+
+def secrets_reachable(root: object, skip: object, *wanted: str) -> list[object]:
+    """Every object reachable from `root` that holds one of `wanted` as text or bytes.
+
+    The walk follows gc.get_referents (attributes, slots, containers, a Secret's slot) and
+    stops at the wrapped directory (`skip`: not the cache), classes, modules and functions
+    (whose globals are the test module, which holds the constants themselves).
+    """
+    found, seen, stack = [], {id(skip)}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type | type(asyncio) | type(secrets_reachable)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str) and any(w in obj for w in wanted):
+            found.append(obj)
+        if isinstance(obj, bytes | bytearray | memoryview):
+            data = bytes(obj)
+            found += [obj for w in wanted if w.encode() in data]
+        if isinstance(obj, Secret) and any(w in obj.reveal() for w in wanted):
+            found.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return found
+
+
+def walked(root: object, skip: object) -> set[type]:
+    """The types of what the walk visits: proof that it reached the entries."""
+    types, seen, stack = set(), {id(skip)}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type | type(asyncio) | type(walked)):
+            continue
+        seen.add(id(obj))
+        types.add(type(obj))
+        stack.extend(gc.get_referents(obj))
+    return types
+
+
+@pytest.mark.parametrize("inner", [Directory, MasterDirectory])
+def test_the_cache_holds_neither_the_password_nor_the_master_password(
+    inner: type[Directory],
+) -> None:
+    directory = inner()
+    cached = Cached(directory, ttl=60.0, size=100, clock=FakeClock())
+
+    async def go() -> None:
+        first = await cached.authenticate(creds(), client())
+        assert isinstance(first, Route)
+        assert first.secret.reveal() == (MASTER if inner is MasterDirectory else PASSWORD)
+
+    run(go())
+    assert len(cached) == 1
+    assert Route in walked(cached, directory)  # the walk reached the entry's route
+    assert secrets_reachable(cached, directory, PASSWORD, MASTER) == []
+
+
+def test_a_hit_logs_in_with_the_password_the_client_just_sent() -> None:
+    cached, directory, _ = make()
+
+    async def go() -> None:
+        await cached.authenticate(creds(), client())
+        sent = creds("  ALICE ")  # another spelling, the same name: a hit
+        hit = await cached.authenticate(sent, client())
+        assert isinstance(hit, Route) and hit.secret is sent.secret
+
+    run(go())
+    assert directory.calls == 1
+
+
+def test_a_master_route_hit_takes_the_master_password_from_the_directory() -> None:
+    directory = MasterDirectory()
+    cached = Cached(directory, ttl=60.0, size=100, clock=FakeClock())
+
+    async def go() -> None:
+        await cached.authenticate(creds(), client())
+        directory.master = Secret("rotated-master")  # the next lookup of the store saw this
+        hit = await cached.authenticate(creds(), client())
+        assert isinstance(hit, Route) and hit.secret.reveal() == "rotated-master"
+        assert directory.calls == 1
+        directory.master = None  # the mailstore lost its master user: look the login up again
+        again = await cached.authenticate(creds(), client())
+        assert isinstance(again, Route) and again.secret.reveal() == PASSWORD
+        assert directory.calls == 2
+
+    run(go())
+
+
+def test_a_route_whose_secret_comes_from_nowhere_known_is_not_cached() -> None:
+    class Odd(Directory):
+        async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision:
+            decision = await super().authenticate(creds, client)
+            return replace(decision, secret=Secret("stored-cleartext"))  # type: ignore[type-var]
+
+    directory = Odd()
+    cached = Cached(directory, ttl=60.0, size=100, clock=FakeClock())
+
+    async def go() -> None:
+        for _ in range(2):
+            await cached.authenticate(creds(), client())
+
+    run(go())
+    assert (directory.calls, len(cached)) == (2, 0)
+
+
+def test_the_key_is_the_directorys_own_spelling_of_the_name() -> None:
+    class KeepsCase(Directory):
+        def canonical_name(self, raw: str) -> str:
+            return names.normalise(raw, lower_local=False)
+
+    keeps = KeepsCase()
+    cached = Cached(keeps, ttl=60.0, size=100, clock=FakeClock())
+    folding, default_directory, _ = make()
+
+    async def go() -> None:
+        for cache in (cached, folding):
+            for user in ("alice@example.com", "Alice@EXAMPLE.com  ", "alice@example.COM"):
+                await cache.authenticate(creds(user), client())
+            for _ in range(2):  # a name the directory refuses is never remembered
+                await cache.authenticate(creds("ali\u200bce@example.com"), client())
+
+    run(go())
+    assert (keeps.calls, len(cached)) == (2 + 2, 2)  # "Alice" is someone else there
+    assert (default_directory.calls, len(folding)) == (1 + 2, 1)

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 
+from mailgate.protocols.core import State
 from mailgate.protocols.events import (
     Authenticate,
     Close,
@@ -21,9 +22,9 @@ from mailgate.protocols.events import (
     StartTLS,
     Unavailable,
 )
-from mailgate.protocols.policy import PreAuthPolicy
-from mailgate.protocols.pop3 import MAX_PIPELINED, Pop3Core, Pop3State
-from mailgate.values import Method
+from mailgate.protocols.policy import MAX_PIPELINED, PreAuthPolicy
+from mailgate.protocols.pop3 import Pop3Core
+from mailgate.values import CloseReason, Method
 
 SALT = "<1234.5678@mail.example>"
 POLICY = PreAuthPolicy(
@@ -101,7 +102,7 @@ def test_capa_lists_policy_user_sasl_and_stls():
         b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nPIPELINING\r\nRESP-CODES\r\n"
         b"AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN CRAM-MD5\r\nSTLS\r\n.\r\n"
     )
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_capa_without_user_or_sasl_or_stls():
@@ -145,7 +146,7 @@ def test_user_pass_asks_the_authenticator():
         "hunter2",
     )
     assert creds.salt is None and creds.attempt == 1
-    assert core.state is Pop3State.AUTHENTICATING
+    assert core.state is State.AUTHENTICATING
 
 
 def test_commands_are_case_insensitive():
@@ -166,7 +167,7 @@ def test_user_name_may_hold_spaces_like_nginx():
 def test_pass_without_user_is_refused():
     events, core = feed(b"PASS hunter2\r\n")
     assert events == [Send(b"-ERR No user name given\r\n")]
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_second_user_replaces_the_first():
@@ -178,13 +179,13 @@ def test_second_user_replaces_the_first():
 def test_bad_user_is_a_syntax_error(line):
     events, core = feed(line)
     assert events == [Send(b"-ERR Syntax error\r\n")]
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_empty_pass_is_refused_and_user_is_forgotten():
     events, core = feed(b"USER a\r\nPASS\r\nPASS x\r\n")
     assert wire(events) == b"+OK\r\n-ERR Syntax error\r\n-ERR No user name given\r\n"
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_user_refused_when_not_enabled():
@@ -210,7 +211,7 @@ def test_apop_sends_digest_lower_case_and_the_greeting_salt():
         DIGEST,
         SALT,
     )
-    assert core.state is Pop3State.AUTHENTICATING
+    assert core.state is State.AUTHENTICATING
 
 
 @pytest.mark.parametrize(
@@ -239,7 +240,7 @@ def test_auth_plain_with_initial_response():
     events, core = feed(b"AUTH PLAIN " + b64(b"\0alice\0two words") + b"\r\n")
     creds = creds_of(events)
     assert (creds.method, creds.user, creds.secret.reveal()) == (Method.PLAIN, "alice", "two words")
-    assert core.state is Pop3State.AUTHENTICATING
+    assert core.state is State.AUTHENTICATING
 
 
 def test_auth_plain_with_a_challenge():
@@ -248,10 +249,13 @@ def test_auth_plain_with_a_challenge():
     assert creds_of(events).user == "alice"
 
 
-def test_auth_plain_empty_initial_response_is_malformed():
-    events, core = feed(b"AUTH PLAIN =\r\n")
-    assert events == [Send(b"-ERR Invalid SASL response\r\n")]
-    assert core.state is Pop3State.AUTHORIZATION
+@pytest.mark.parametrize("line", [b"AUTH PLAIN =\r\n", b"AUTH PLAIN \r\n"])
+def test_auth_plain_empty_initial_response_is_no_initial_response(line):
+    """RFC 5034 4: "=" is an empty initial response; nothing after the space is read the same
+    way (mutt sends it), and both get the mechanism's first challenge, as Dovecot answers."""
+    events, core = feed(line)
+    assert events == [Send(b"+ \r\n")]
+    assert core.state is State.SASL
 
 
 def test_auth_login_without_initial_response():
@@ -294,13 +298,13 @@ def test_auth_cancel_returns_to_authorization(data):
     events, core = feed(data + b"CAPA\r\n")
     assert Send(b"-ERR Authentication cancelled\r\n") in events
     assert wire(events).endswith(b".\r\n")  # CAPA answered: a command again
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_auth_bad_base64():
     events, core = feed(b"AUTH PLAIN\r\n!!!\r\nAUTH PLAIN not-base64\r\n")
     assert wire(events) == b"+ \r\n-ERR Invalid SASL response\r\n-ERR Invalid SASL response\r\n"
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 @pytest.mark.parametrize("line", [b"AUTH GSSAPI\r\n", b"AUTH LOGIN\r\n"])
@@ -309,7 +313,7 @@ def test_auth_unknown_or_disabled_mechanism(line):
     assert events == [Send(b"-ERR Unsupported authentication mechanism\r\n")]
 
 
-@pytest.mark.parametrize("line", [b"AUTH PLAIN \r\n", b"AUTH PLAIN a b\r\n"])
+@pytest.mark.parametrize("line", [b"AUTH PLAIN a b\r\n", b"AUTH PLAIN = x\r\n"])
 def test_auth_malformed_arguments(line):
     events, _ = feed(line)
     assert events == [Send(b"-ERR Syntax error\r\n")]
@@ -321,10 +325,10 @@ def test_auth_malformed_arguments(line):
 def test_stls_discards_pipelined_plaintext():
     events, core = feed(b"STLS\r\nUSER evil\r\nPASS evil\r\n")
     assert events == [Send(b"+OK Begin TLS negotiation\r\n"), StartTLS()]
-    assert core.state is Pop3State.TLS_PENDING
+    assert core.state is State.TLS_PENDING
     assert core.receive(b"USER late\r\n") == []
     assert core.tls_started() == []
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
     assert core.receive(b"PASS x\r\n") == [Send(b"-ERR No user name given\r\n")]
 
 
@@ -358,7 +362,7 @@ PLAINTEXT = Send(b"-ERR [AUTH] Plaintext authentication disallowed on non-secure
 def test_starttls_only_refuses_logins_before_tls(line):
     events, core = feed(line, starttls_only=True)
     assert events == [PLAINTEXT]
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_starttls_only_allows_logins_after_tls():
@@ -378,8 +382,8 @@ def test_starttls_only_on_implicit_tls_allows_logins():
 
 def test_quit_says_bye_and_ignores_the_rest():
     events, core = feed(b"QUIT\r\nUSER a\r\n")
-    assert events == [Send(b"+OK Bye\r\n"), Close("quit")]
-    assert core.state is Pop3State.CLOSED
+    assert events == [Send(b"+OK Bye\r\n"), Close(CloseReason.LOGOUT)]
+    assert core.state is State.CLOSED
     assert core.receive(b"CAPA\r\n") == []
 
 
@@ -387,13 +391,27 @@ def test_quit_says_bye_and_ignores_the_rest():
 def test_transaction_commands_are_refused_before_login(command):
     events, core = feed(command + b"\r\n")
     assert events == [Send(b"-ERR Command not valid in this state\r\n")]
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
-def test_garbage_first_line_closes():
-    events, core = feed(b"GET / HTTP/1.1\r\nHost: x\r\n")
-    assert events == [Send(b"-ERR Unknown command\r\n"), Close("not pop3")]
-    assert core.state is Pop3State.CLOSED
+@pytest.mark.parametrize(
+    ("foreign", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n", CloseReason.FOREIGN_HTTP),
+        (b"EHLO client.example\r\n", CloseReason.FOREIGN_SMTP),
+        (b"\x16\x03\x01\x02\x00\x01\n", CloseReason.FOREIGN_TLS),
+    ],
+)
+def test_another_protocol_closes_at_once(foreign, reason):
+    events, core = feed(foreign)
+    assert events == [Send(b"-ERR This is a POP3 server\r\n"), Close(reason)]
+    assert core.state is State.CLOSED
+
+
+def test_an_unknown_first_command_is_only_an_error():
+    events, core = feed(b"FROB\r\nCAPA\r\n")
+    assert wire(events).startswith(b"-ERR Unknown command\r\n+OK Capability list follows\r\n")
+    assert core.state is State.COMMAND
 
 
 def test_unknown_commands_spend_the_error_budget():
@@ -401,28 +419,28 @@ def test_unknown_commands_spend_the_error_budget():
     events, core = feed(b"CAPA\r\n" + b"XYZZY\r\n" * 4 + b"NOOP\r\n" + b"CAPA\r\n", max_errors=5)
     sends = [e.data for e in events if isinstance(e, Send)]
     assert sends[1:] == [b"-ERR Unknown command\r\n"] * 4 + [b"-ERR Too many invalid commands\r\n"]
-    assert events[-1] == Close("too many invalid commands")
-    assert core.state is Pop3State.CLOSED
+    assert events[-1] == Close(CloseReason.TOO_MANY_ERRORS)
+    assert core.state is State.CLOSED
 
 
 def test_longest_line_is_accepted_and_one_more_byte_closes():
     ok, _ = feed(b"USER " + b"a" * 94 + b"\r\n", max_line=100)
     assert ok == [Send(b"+OK\r\n")]
     events, core = feed(b"USER " + b"a" * 95 + b"\r\n", max_line=100)
-    assert events == [Send(b"-ERR Line too long\r\n"), Close("line too long")]
-    assert core.state is Pop3State.CLOSED
+    assert events == [Send(b"-ERR Line too long\r\n"), Close(CloseReason.LINE_TOO_LONG)]
+    assert core.state is State.CLOSED
 
 
 def test_endless_line_without_crlf_closes():
     events, _ = feed(b"A" * 300, max_line=255)
-    assert events == [Send(b"-ERR Line too long\r\n"), Close("line too long")]
+    assert events == [Send(b"-ERR Line too long\r\n"), Close(CloseReason.LINE_TOO_LONG)]
 
 
 def test_eof_closes():
     core = make()
     assert core.receive(b"CAP") == []
-    assert core.receive(b"") == [Close("eof")]
-    assert core.state is Pop3State.CLOSED
+    assert core.receive(b"") == [Close(CloseReason.EOF)]
+    assert core.state is State.CLOSED
 
 
 def test_replies_never_echo_the_client():
@@ -438,7 +456,7 @@ def test_logged_in_passes_the_backend_reply_and_hands_over_pipelined_bytes():
     assert wire(events) == b"+OK\r\n"
     core.receive(b"RETR 1\r\n")
     assert core.finish_login(LoggedIn(b"+OK Logged in.")) == [Send(b"+OK Logged in.\r\n")]
-    assert core.state is Pop3State.LOGGED_IN
+    assert core.state is State.LOGGED_IN
     assert core.trailing == b"STAT\r\nLIST\r\nRETR 1\r\n"  # feed returns the core fed whole
 
 
@@ -448,8 +466,8 @@ def test_trailing_is_exact():
     core.receive(b"ST\r\n")
     core.finish_login(LoggedIn(b"+OK"))
     assert core.trailing == b"STAT\r\nLIST\r\n"
-    core.receive(b"QUIT\r\n")  # bytes that reach the core after login stay for the relay
-    assert core.trailing == b"STAT\r\nLIST\r\nQUIT\r\n"
+    assert core.receive(b"QUIT\r\n") == []  # after login the relay owns the connection
+    assert core.trailing == b"STAT\r\nLIST\r\n"
 
 
 def test_nothing_is_trailing_without_pipelining():
@@ -465,7 +483,7 @@ def test_rejected_shows_sanitised_message_and_forgets_user():
     assert reply.startswith(b"-ERR [AUTH] bad  -ERR injected  xxx")
     assert reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1
     assert len(reply) == len(b"-ERR [AUTH] ") + 200 + 2
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
     assert core.receive(b"PASS b\r\n") == [Send(b"-ERR No user name given\r\n")]
 
 
@@ -479,13 +497,13 @@ def test_unavailable_is_a_temporary_failure():
     assert core.finish_login(Unavailable()) == [
         Send(b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n")
     ]
-    assert core.state is Pop3State.AUTHORIZATION
+    assert core.state is State.COMMAND
 
 
 def test_commands_pipelined_behind_a_failed_login_are_answered():
     core = make()
     assert wire(core.receive(b"USER a\r\nPASS b\r\nUSER c\r\nPASS d\r\n")) == b"+OK\r\n"
-    events = core.finish_login(Rejected("no"))
+    events = core.finish_login(Rejected("no")) + core.drain()
     assert wire(events) == b"-ERR [AUTH] no\r\n+OK\r\n"
     creds = creds_of(events)
     assert (creds.user, creds.attempt) == ("c", 2)
@@ -497,13 +515,13 @@ def test_too_many_failed_logins_close():
     core.finish_login(Unavailable())
     core.receive(b"USER a\r\nPASS b\r\n")
     events = core.finish_login(Rejected("no"))
-    assert events == [Send(b"-ERR [AUTH] no\r\n"), Close("too many failed logins")]
-    assert core.state is Pop3State.CLOSED
+    assert events == [Send(b"-ERR [AUTH] no\r\n"), Close(CloseReason.TOO_MANY_FAILURES)]
+    assert core.state is State.CLOSED
 
 
 def test_finish_login_after_the_client_left_does_nothing():
     _, core = feed(b"USER a\r\nPASS b\r\n")
-    assert core.receive(b"") == [Close("eof")]
+    assert core.receive(b"") == [Close(CloseReason.EOF)]
     assert core.finish_login(LoggedIn(b"+OK")) == []
 
 
@@ -516,7 +534,7 @@ def test_pipelining_during_authentication_is_bounded():
     _, core = feed(b"USER a\r\nPASS b\r\n")
     assert core.receive(b"NOOP\r\n" * (MAX_PIPELINED // 6)) == []
     events = core.receive(b"NOOP\r\n" * 2)
-    assert events == [Send(b"-ERR Too much pipelined input\r\n"), Close("pipelining overflow")]
+    assert events == [Send(b"-ERR Too much pipelined input\r\n"), Close(CloseReason.FLOODED)]
     assert core.finish_login(LoggedIn(b"+OK")) == []
 
 

@@ -4,9 +4,12 @@ This is the read path and stays short: one query per login on mailgate's own sch
 an operator's schema), a password check off the event loop, and a `Decision`. Writes live in
 `mailgate.admin`. Rules that matter to a client:
 
+- Names are normalised once (`mailgate.names`: trimmed, NFC, no invisible characters, domain
+  lower-cased in U-labels; the local part lower-cased on mailgate's own schema), and the
+  decision carries the `identity` the database matched, so counters key on the stored user.
 - Unknown user, wrong password and disabled user/domain/mailstore give the same `Reject`,
-  and an unknown user's password is still checked against a dummy hash so the answer takes
-  about as long (Dovecot does the same).
+  and an unknown user's password is still checked, against a dummy of the same scheme and
+  cost as the users of its domain (`auth/dummy.py`), so the answer takes as long.
 - An outage is never a wrong password: any database error or a query over `query_timeout`
   is a `TempFail`, and the connection pool is thrown away so the next login reconnects.
 - The reason of every refusal goes to the log (never the password or the stored hash).
@@ -19,7 +22,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import secrets
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,9 +29,12 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from mailgate import names
 from mailgate.auth import passwords, schema
+from mailgate.auth.dummy import Dummies
 from mailgate.auth.schema import dispose, engine_url, make_engine
 from mailgate.config import DirectorySettings
+from mailgate.names import BadName
 from mailgate.values import (
     BackendTLS,
     ClientInfo,
@@ -55,8 +60,6 @@ __all__ = [
 
 log = logging.getLogger("mailgate.auth.directory")
 
-# RFC 5321's 64 + 1 + 255; a longer name cannot be an address, and is refused unread.
-MAX_USER = schema.MAX_ADDRESS
 # Closing a pool to a server that stopped answering must not hang a login: 2 s, then the
 # old pool is dropped unclosed.
 DISPOSE_TIMEOUT = 2.0
@@ -68,8 +71,11 @@ FAST_SCHEMES = ("{PLAIN}", "{CLEARTEXT}", "{PLAIN-MD5}", "{LDAP-MD5}", "{SHA}", 
 # a modular crypt string ($2b$..., $argon2id$..., $6$...); anything else is `default_scheme`.
 _TAGGED = re.compile(r"^(\{[A-Za-z0-9._-]+\}|\$[A-Za-z0-9-]+\$)")
 _FALSE = frozenset({"0", "n", "no", "f", "false", "off", ""})
-# Stands in for an unknown user's stored password so CRAM-MD5/APOP do the same work.
-_DUMMY_CLEAR = "{PLAIN}" + secrets.token_hex(16)
+# What `mailgate user add` hashes with: unknown users cost this until a real user was seen.
+BUILTIN_SCHEME = "ARGON2ID"
+# Users whose stored schemes are sampled at the first login (the newest): enough to see every
+# scheme a directory uses, cheap to read once.
+PRIME_USERS = 1000
 
 
 # Relay refusals, as Postfix words them (RFC 3463): not ours to relay / not an address.
@@ -86,8 +92,8 @@ def _recipient(rcpt_line: str) -> str | None:
     return m.group(1) if m else None
 
 
-class BadUserName(ValueError):
-    """A login name we refuse before any lookup; the message is safe to log."""
+# A login name we refuse before any lookup; the message is safe to log.
+BadUserName = BadName
 
 
 class DirectoryUnavailable(Exception):
@@ -98,7 +104,7 @@ class DirectoryUnavailable(Exception):
 class UserRecord:
     """What the directory knows about one user, for one protocol."""
 
-    user: str  # the normalised login name
+    user: str  # who the database matched, normalised: the identity counters key on
     login: str  # the name to log in with on the backend
     password: Secret | None  # the stored "{SCHEME}..." string, never printed
     refused: str | None = None  # why a correct password is still refused (disabled ...)
@@ -123,22 +129,9 @@ class Verdict:
 
 
 def normalise_user(raw: str, *, lower_local: bool) -> tuple[str, str]:
-    """(user, domain) with the domain lower-cased; refuse names no mail system issues."""
-    if not raw:
-        raise BadUserName("empty user name")
-    if len(raw) > MAX_USER:
-        raise BadUserName(f"user name of {len(raw)} characters (limit {MAX_USER})")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
-        raise BadUserName("user name with control characters")
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadUserName("user name is not UTF-8") from None
-    local, at, domain = raw.rpartition("@")
-    if not at:
-        return (raw.lower() if lower_local else raw), ""
-    domain = domain.lower()
-    return f"{local.lower() if lower_local else local}{at}{domain}", domain
+    """(user, domain) by `mailgate.names.normalise`; raises BadUserName (= names.BadName)."""
+    user = names.normalise(raw, lower_local=lower_local)
+    return user, names.split(user)[1]
 
 
 def scheme_of(stored: str) -> str:
@@ -162,6 +155,12 @@ class SqlDirectory:
         self._engine: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._dummies = Dummies(BUILTIN_SCHEME if q is None else settings.default_scheme)
+        # Master passwords by mailstore, from the last lookup of each: a cached master-user
+        # route gets its secret here (`master_secret`), since the route cache keeps none.
+        self._masters: dict[str, Secret] = {}
+        self._primed = self._custom is not None  # an operator's schema cannot be listed
+        self._priming: asyncio.Future[None] | None = None
 
     # --- Authenticator ---------------------------------------------------------------------
 
@@ -207,6 +206,7 @@ class SqlDirectory:
             return Verdict(Reject(), "empty password")  # never valid, whatever is stored
         if creds.method in _SALTED and not creds.salt:
             return Verdict(Reject(), "challenge missing", level=logging.ERROR)
+        await self._prime_dummies()
         try:
             record = await self.lookup(user, client.protocol)
         except DirectoryUnavailable as e:
@@ -216,29 +216,76 @@ class SqlDirectory:
 
     async def _decide(self, record: UserRecord | None, user: str, creds: Credentials) -> Verdict:
         stored = record.password.reveal() if record and record.password else None
+        if record is None or stored is None:
+            await self._check_dummy(user, creds)
+            if record is None:
+                return Verdict(Reject(), "unknown user")
+            return Verdict(Reject(identity=record.user), "no password stored")
+        self._dummies.remember(names.split(user)[1], stored)
+        refused = Reject(identity=record.user)
         try:
             ok = await _run_check(creds, stored)
         except passwords.NoCleartext:
             method = creds.method.value
             return Verdict(
-                Reject(),
+                refused,
                 f"{method} needs a cleartext password for {user}; use PLAIN or store {{PLAIN}}",
                 level=logging.WARNING,
             )
         except (passwords.UnknownScheme, passwords.MalformedHash) as e:
-            scheme = scheme_of(stored or "")
+            scheme = scheme_of(stored)
             if isinstance(e, passwords.UnknownScheme):
                 reason = f"stored password of {user} uses unknown scheme {scheme}"
             else:
                 reason = f"stored password of {user} is not a valid {scheme} value"
-            return Verdict(Reject(), reason, level=logging.ERROR)
-        if record is None or stored is None:
-            return Verdict(Reject(), "unknown user" if record is None else "no password stored")
+            return Verdict(refused, reason, level=logging.ERROR)
         if not ok:
-            return Verdict(Reject(), "wrong password")
-        if record.refused:
-            return Verdict(Reject(), record.refused)
+            return Verdict(refused, "wrong password")
+        if record.refused:  # checked after the password, so a disabled user costs the same
+            return Verdict(refused, record.refused)
         return self._route(record, stored, creds)
+
+    async def _check_dummy(self, user: str, creds: Credentials) -> None:
+        """A real user's work for a user without a stored password: the same scheme and cost
+        as the users of the domain, on the same path (loop or thread). The result is moot."""
+        stored = await self._dummies.stored_for(user, names.split(user)[1])
+        with contextlib.suppress(ValueError):  # NoCleartext, as a hashed user's CRAM-MD5 gets
+            await _run_check(creds, stored)
+
+    async def _prime_dummies(self) -> None:
+        """Learn the schemes and costs of the stored passwords before the first check, so an
+        unknown user costs right from the first login after a start. Own schema only: an
+        operator's cannot be listed (its unknown users cost `default_scheme` until real users
+        of the same domain were seen). One query, once; the logins meanwhile wait for it."""
+        if self._primed:
+            return
+        if self._priming is None or self._priming.get_loop() is not asyncio.get_running_loop():
+            self._priming = asyncio.ensure_future(self._prime())
+        await asyncio.shield(self._priming)  # a client that leaves does not cancel it
+
+    async def _prime(self) -> None:
+        with contextlib.suppress(DirectoryUnavailable):  # then the logins teach it instead
+            for address, stored in await self._guarded(self._sample, {}):
+                self._dummies.remember(names.split(address)[1], stored)
+        self._primed = True  # once, even after an outage: no login waits for it twice
+
+    async def _sample(self, engine: AsyncEngine, _: dict[str, str]) -> list[tuple[str, str]]:
+        async with engine.connect() as conn:
+            query = schema.builtin_password_sample(PRIME_USERS)
+            rows = (await conn.execute(query)).all()
+        return [(str(address), str(stored)) for address, stored in rows]
+
+    def canonical_name(self, raw: str) -> str:
+        """The name as this directory looks it up (the route cache keys on it); BadName."""
+        return normalise_user(raw, lower_local=self._custom is None)[0]
+
+    def master_secret(self, route: Route) -> Secret | None:
+        """The master password a cached master-user `route` logs in with, held here (outside
+        the route cache) from the last lookup of its mailstore; None if there is none now."""
+        if self._custom is not None:
+            s = self.settings
+            return s.master_password if s.master_user else None
+        return self._masters.get(route.mailstore or "")
 
     def _route(self, record: UserRecord, stored: str, creds: Credentials) -> Verdict:
         if record.problem or record.host is None or record.port is None:
@@ -247,6 +294,7 @@ class SqlDirectory:
         if record.master_user and record.master_password is not None:
             login = f"{record.login}{self.settings.master_separator}{record.master_user}"
             secret = record.master_password
+            self._masters[record.mailstore or ""] = secret
         elif creds.method in _SALTED:
             clear = passwords.cleartext(stored)
             if clear is None:
@@ -256,8 +304,17 @@ class SqlDirectory:
             login, secret = record.login, Secret(clear)
         else:
             login, secret = record.login, creds.secret
+        if not record.master_user:
+            self._masters.pop(record.mailstore or "", None)  # the master user was removed
         route = Route(
-            record.host, record.port, login, secret, record.tls, record.mailstore, record.smtp_mode
+            record.host,
+            record.port,
+            login,
+            secret,
+            record.tls,
+            record.mailstore,
+            record.smtp_mode,
+            identity=record.user,
         )
         # DEBUG: the session already logs one line per login; refusals are worth a line more.
         return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
@@ -381,18 +438,19 @@ class SqlDirectory:
         assert self._custom is not None
         q = self._custom
         row = (await conn.execute(q.password.clause, q.password.params(params))).mappings().first()
+        # The route is queried and read for an unknown user too: less work would tell.
+        route = (await conn.execute(q.route.clause, q.route.params(params))).mappings().first()
+        host, port, problem = self._custom_route(route, params["protocol"])
         if row is None:
             return None
         if "password" not in row:
             raise DirectoryUnavailable("directory.queries.password returns no 'password' column")
         raw = _text(row["password"])
-        refused = None if _truthy(row.get("active", True)) else "user disabled"
-        login = _text(row.get("user")) or params["user"]
-        route = (await conn.execute(q.route.clause, q.route.params(params))).mappings().first()
-        host, port, problem = self._custom_route(route, params["protocol"])
+        refused = None if _truthy(_column(row, "active", True)) else "user disabled"
+        login = _text(_column(row, "user")) or params["user"]
         s = self.settings
         return UserRecord(
-            user=params["user"],
+            user=_identity(_column(row, "user"), params["user"]),
             login=login,
             password=Secret(self._tag(raw)) if raw else None,
             refused=refused,
@@ -407,11 +465,11 @@ class SqlDirectory:
     def _custom_route(
         self, row: Mapping[Any, Any] | None, protocol: str
     ) -> tuple[str | None, int | None, str | None]:
-        if row is None or not _text(row.get("host")):
+        if row is None or not _text(_column(row, "host")):
             return None, None, "directory.queries.route found no host for this user"
         try:
             host, port = schema.parse_host(_text(row["host"]))
-            if row.get("port") is not None:
+            if _column(row, "port") is not None:
                 port = int(row["port"])
         except (schema.BadRoute, ValueError, TypeError) as e:
             return None, None, f"directory.queries.route: {e}"
@@ -494,17 +552,26 @@ _ACTIVE_FLAGS = (
 )
 
 
-async def _run_check(creds: Credentials, stored: str | None) -> bool:
-    """Check the password; without a stored one, check a dummy so the work is the same."""
-    if creds.method in _SALTED or (stored or "").startswith(FAST_SCHEMES):
-        return _check(creds, stored)
-    return await asyncio.to_thread(_check, creds, stored)
+async def _run_check(creds: Credentials, stored: str) -> bool:
+    """Check the password: cheap schemes on the loop, the rest in a thread (dummies too)."""
+    if creds.method in _SALTED or stored.startswith(FAST_SCHEMES):
+        return _CHECKS[creds.method](stored, creds)
+    return await asyncio.to_thread(_CHECKS[creds.method], stored, creds)
 
 
-def _check(creds: Credentials, stored: str | None) -> bool:
-    if stored is None:
-        stored = _DUMMY_CLEAR if creds.method in _SALTED else passwords.DUMMY_HASH
-    return _CHECKS[creds.method](stored, creds)
+def _identity(returned: object, queried: str) -> str:
+    """The user an operator's password query matched: its `user` column, normalised (case
+    kept, as the database judges it), else the name it was asked for."""
+    try:
+        return names.normalise(_text(returned), lower_local=False) if returned else queried
+    except BadName:  # the database holds a name we would refuse: count by the asked name
+        return queried
+
+
+def _column(row: Mapping[Any, Any], name: str, default: object = None) -> object:
+    """An optional column: `row.get` raises and catches an exception inside SQLAlchemy for a
+    missing one (tens of microseconds a login, which only known users would pay)."""
+    return row[name] if name in row else default  # noqa: SIM401  (the reason above)
 
 
 def _text(value: object) -> str:

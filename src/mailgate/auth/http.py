@@ -7,8 +7,9 @@ escaping), so services written for nginx work unchanged. Three deliberate differ
 - Auth-User, Auth-Pass and Auth-SSL-Cert also escape DEL and bytes >= 0x80 (nginx escapes only
   control bytes, space and "%"). A service has to percent-decode those headers anyway, so it sees
   the same bytes, and the header stays plain ASCII, which no HTTP stack mangles.
-- The answer is parsed more strictly: an HTTP status other than 200, a missing Auth-Status or a
-  malformed header is a temporary failure (nginx ignores the status line).
+- The answer is parsed more strictly: a missing Auth-Status or a malformed header is a temporary
+  failure. The HTTP status is read as nginx reads it, which is not at all: many nginx auth
+  locations answer 204 (or even 500) with the Auth-* headers, and the headers decide.
 
 The two halves are pure functions (`build_request_headers`, `parse_response`) so they can be
 tested without sockets; `AuthHttpClient` only moves bytes and maps failures to `TempFail`.
@@ -210,13 +211,11 @@ def _route(h: Mapping[str, str], creds: Credentials) -> Decision:
 
 def parse_response(status: int, headers: Mapping[str, str], creds: Credentials) -> Decision:
     """Turn an auth_http answer into a decision. Header names are matched case-insensitively
-    and, as in nginx, the last of repeated headers wins."""
-    if status != 200:
-        return TempFail(f"auth_http answered HTTP {status}")
+    and, as in nginx, the last of repeated headers wins; the status code decides nothing."""
     h = {name.lower(): value for name, value in headers.items()}
     auth_status = h.get("auth-status")
     if auth_status is None:
-        return TempFail("auth_http answer has no Auth-Status")
+        return TempFail(f"auth_http answer (HTTP {status}) has no Auth-Status")
     if auth_status == "OK":
         return _route(h, creds)
     wait = _wait(h.get("auth-wait"))

@@ -42,7 +42,12 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import TypeCompiler
+
+from mailgate import names
 
 # RFC 5321 4.5.3.1: 64 octets of local part + "@" + 255 of domain; 320 is the usual round cap.
 MAX_ADDRESS = 320
@@ -57,6 +62,39 @@ TLS_MODES = ("none", "starttls", "implicit")
 QUERY_PARAMS = frozenset({"user", "domain", "protocol"})
 
 metadata = MetaData()
+
+
+class ExactName(String):
+    """A name column that compares byte for byte: `users.address` and `domains.name`.
+
+    Logins bind normalised names (`mailgate.names`), so equal must mean identical: a collation
+    that folds case or accents, or ignores trailing spaces, would let spellings the throttle
+    counts apart log in as one user. SQLite (BINARY) and PostgreSQL (its default collations
+    are deterministic: equal only if the bytes are) compare so already; plain VARCHAR with
+    normalised values is all they need (citext would add an extension and fold case by the
+    server's locale rules, a second opinion beside ours). MariaDB and MySQL default to
+    case- and accent-insensitive, PAD SPACE collations, so the column names a binary NO PAD
+    one (`exact_collation`).
+    """
+
+    cache_ok = True
+
+
+def exact_collation(dialect: Dialect) -> str:
+    """The binary collation that ignores nothing, on this MariaDB or MySQL server."""
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"  # MariaDB 10.2+; utf8mb4_bin ignores trailing spaces
+    if (dialect.server_version_info or (0,)) >= (8, 0, 17):
+        return "utf8mb4_0900_bin"  # MySQL's NO PAD binary collation
+    # MySQL 5.7 has no NO PAD collation; trailing spaces never reach it (names are trimmed).
+    return "utf8mb4_bin"
+
+
+@compiles(ExactName, "mysql")
+def _exact_name_mysql(type_: ExactName, compiler: TypeCompiler, **kw: Any) -> str:
+    collation = exact_collation(compiler.dialect)
+    return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {collation}"
+
 
 schema_version = Table(
     "mailgate_schema",
@@ -82,15 +120,17 @@ mailstores = Table(
     # NULL: [backend] smtp_mode.
     Column("smtp_login", String(16), nullable=True),
     CheckConstraint("tls IN ('none', 'starttls', 'implicit')", name="mailstores_tls"),
+    mysql_charset="utf8mb4",
 )
 
 domains = Table(
     "domains",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(MAX_DOMAIN), nullable=False, unique=True),
+    Column("name", ExactName(MAX_DOMAIN), nullable=False, unique=True),  # names.normalise_domain
     Column("mailstore_id", Integer, ForeignKey("mailstores.id"), nullable=False),
     Column("active", Boolean, nullable=False, default=True),
+    mysql_charset="utf8mb4",
 )
 
 
@@ -102,13 +142,14 @@ users = Table(
     "users",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("address", String(MAX_ADDRESS), nullable=False, unique=True),  # lower-case
+    Column("address", ExactName(MAX_ADDRESS), nullable=False, unique=True),  # names.normalise
     Column("password", String(MAX_PASSWORD), nullable=False),  # "{SCHEME}..."
     Column("active", Boolean, nullable=False, default=True),
     # NULL: the domain's mailstore. Set: this user lives elsewhere (a moved mailbox).
     Column("mailstore_id", Integer, ForeignKey("mailstores.id"), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, default=_now),
     Column("updated_at", DateTime(timezone=True), nullable=False, default=_now, onupdate=_now),
+    mysql_charset="utf8mb4",
 )
 
 
@@ -181,8 +222,68 @@ def _v2(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE mailstores ADD COLUMN smtp_login VARCHAR(16) NULL"))
 
 
+def _v3(conn: Connection) -> None:
+    """Names stored normalised and compared exactly (see ExactName).
+
+    Every stored address and domain is rewritten as `mailgate.names` spells it, after checking
+    that no two rows become one (then nothing changes and the error lists them). On MariaDB
+    and MySQL the three tables become utf8mb4 with the exact collation first. MySQL commits
+    each ALTER at once, so this step is not atomic there; it is safe to run again.
+    """
+    changes = [
+        (users, users.c.address, _renames(conn, users.c.address, names.normalise)),
+        (domains, domains.c.name, _renames(conn, domains.c.name, names.normalise_domain)),
+    ]
+    if conn.dialect.name == "mysql":
+        collation = exact_collation(conn.dialect)
+        for table in (mailstores, domains, users):
+            convert = f"CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}"
+            conn.execute(text(f"ALTER TABLE {table.name} {convert}"))
+    for table, column, renames in changes:
+        for row_id, name in renames.items():
+            conn.execute(table.update().where(table.c.id == row_id).values({column.name: name}))
+
+
+MAX_LISTED = 20  # problems a refused migration lists; the count says how many more
+
+
+def _renames(
+    conn: Connection, column: Column[str], normalise: Callable[[str], str]
+) -> dict[int, str]:
+    """{row id: normalised name} for the rows whose name changes; SchemaError if two rows
+    would become one or a name cannot be normalised (listing them: the operator's own data)."""
+    rows = conn.execute(select(column.table.c.id, column)).all()
+    problems: list[str] = []
+    owners: dict[str, list[str]] = {}
+    renames: dict[int, str] = {}
+    for row_id, stored in rows:
+        try:
+            normal = normalise(stored)
+        except names.BadName as e:
+            problems.append(f"{stored!r} ({e})")
+            continue
+        owners.setdefault(normal, []).append(stored)
+        if normal != stored:
+            renames[row_id] = normal
+    for normal, spellings in owners.items():
+        if len(spellings) > 1:
+            problems.append(f"{' and '.join(map(repr, spellings))} would all be {normal!r}")
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise SchemaError(
+            f"cannot normalise {column.table.name}.{column.name}: {shown}{more}."
+            " Rename or remove these rows (by hand), then run `directory upgrade` again"
+        )
+    return renames
+
+
 # (version, step): each step takes the schema from version - 1 to version. Append only.
-MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1), (2, _v2))
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
+    (1, _v1),
+    (2, _v2),
+    (3, _v3),
+)
 SMTP_LOGINS = ("xclient", "auth")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -264,6 +365,12 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
         .where(users.c.address == bindparam("user"))
         .limit(1)
     )
+
+
+def builtin_password_sample(limit: int) -> Select[str, str]:
+    """The newest users' addresses and stored passwords: the directory learns from them
+    which schemes and costs its users have (auth/dummy.py keeps only those, not the hashes)."""
+    return select(users.c.address, users.c.password).order_by(users.c.id.desc()).limit(limit)
 
 
 def builtin_domain_query() -> Select[tuple[object, ...]]:

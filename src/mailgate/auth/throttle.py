@@ -1,7 +1,7 @@
 """Brute-force throttling: an Authenticator that wraps another one.
 
 Failures are counted per client IP (IPv6 per /64, what one subscriber gets) and per user name
-(lower-cased) within `window` seconds of the first failure. The first `free` failures cost
+(normalised) within `window` seconds of the first failure. The first `free` failures cost
 nothing; after that each rejected login is answered after a delay that doubles from
 `base_delay` up to `max_delay` (`Reject.wait`: the session driver or nginx sleeps it). Above
 `lockout_after` failures the IP or the user is refused for `lockout` seconds without asking the
@@ -13,7 +13,6 @@ and a wrong password, and it answers both the same way. TempFail (an outage) is 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
@@ -22,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+from mailgate import names
+from mailgate.addresses import subscriber
 from mailgate.auth import Authenticator
 from mailgate.config import ThrottleSettings
 from mailgate.values import ClientInfo, Credentials, Decision, Method, Reject, Route, TempFail
@@ -37,7 +38,6 @@ DEFAULT_MAX_KEYS = 100_000
 # Redis answers in well under a millisecond on a LAN; past this a login goes on with the local
 # counters rather than wait (the whole login has a few seconds).
 REDIS_TIMEOUT = 0.5
-IPV6_PREFIX = 64  # one subscriber's network (RFC 6177): counting single addresses is useless
 MAX_DOUBLINGS = 60  # 2**60 * any sane base_delay is past max_delay; keeps the float finite
 
 
@@ -292,17 +292,22 @@ class Throttled:
 
 
 def _ip_key(ip: str) -> str:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return "ip:" + ip  # not an address (a test, a unix socket): count it as it is
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        network = ipaddress.IPv6Network(f"{address}/{IPV6_PREFIX}", strict=False)
-        return f"ip:{network}"
-    return f"ip:{address}"
+    return "ip:" + subscriber(ip)
+
+
+# Every name `mailgate.names` refuses counts as this one user: no spelling the directory
+# would refuse gets a budget of its own ("names" never starts a normalised user key).
+REFUSED_NAMES_KEY = "names:refused"
 
 
 def _user_key(user: str) -> str | None:
-    return "user:" + user.lower() if user else None
+    """The per-user counter of a name: `names.normalise` (local part lower-cased, as Dovecot's
+    %Lu), so "Victim@Example.COM " and "victim@example.com" count as one. Pass the identity the
+    directory matched (Route/Reject.identity) when there is one, else the name the client sent.
+    """
+    if not user:
+        return None
+    try:
+        return "user:" + names.normalise(user)
+    except names.BadName:
+        return REFUSED_NAMES_KEY

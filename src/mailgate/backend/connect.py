@@ -1,7 +1,7 @@
-"""The one async driver for backend logins: open TCP (and TLS), run a sans-I/O login core,
-hand back the open connection or raise `BackendError`.
+"""Backend logins over the network: open TCP (and TLS), run a sans-I/O login core with the
+one driver loop (netio.exchange), hand back the open connection or raise `BackendError`.
 
-Every wait is under one deadline: connect has its own timeout, then greeting, STARTTLS, ID or
+Every wait is under a deadline: connect has its own timeout, then greeting, STARTTLS, ID or
 XCLIENT and the login itself share `login_timeout`.
 """
 
@@ -14,20 +14,27 @@ from dataclasses import dataclass
 from mailgate.backend.imap import ImapLogin
 from mailgate.backend.pop3 import Pop3Login
 from mailgate.backend.smtp import SmtpLogin
-from mailgate.netio import Channel
-from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
-from mailgate.values import BackendTLS, ClientInfo, Route
+from mailgate.netio import Channel, exchange
+from mailgate.protocols.events import BackendFailed, BackendReady, Rejected
+from mailgate.values import BackendTLS, ClientInfo, Credentials, Method, Route
 
 LoginCore = ImapLogin | Pop3Login | SmtpLogin
 
 
 class BackendError(Exception):
-    """The backend could not be reached or refused the login. `detail` is for the log."""
+    """The backend could not be reached or refused the login. `detail` is for the log.
 
-    def __init__(self, detail: str, *, temporary: bool) -> None:
+    `temporary`: the backend is in trouble (counts against its health) rather than refusing
+    the credentials; `client_reply`: the backend's own answer, where it is the client's too.
+    """
+
+    def __init__(
+        self, detail: str, *, temporary: bool, client_reply: Rejected | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.temporary = temporary
+        self.client_reply = client_reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,22 +60,10 @@ class BackendConnection:
     trailing: bytes  # bytes the backend sent after it
 
 
-@dataclass(frozen=True, slots=True)
-class SmtpSession:
-    """What an SMTP backend login needs from the client's pre-auth session."""
-
-    relay: bool  # "auth none": no password, the envelope decides
-    client_helo: str | None
-    envelope: tuple[bytes, ...]
-
-
 def make_core(
-    protocol: str,
-    route: Route,
-    opts: BackendOptions,
-    client: ClientInfo,
-    smtp: SmtpSession | None = None,
+    protocol: str, route: Route, opts: BackendOptions, client: ClientInfo, creds: Credentials
 ) -> LoginCore:
+    """The login core for this route; an SMTP login replays what the client said (`creds`)."""
     starttls = (route.tls or opts.tls) is BackendTLS.STARTTLS
     forward = client if opts.forward_client else None
     if protocol == "imap":
@@ -79,20 +74,21 @@ def make_core(
         return Pop3Login(
             route.user, route.secret, starttls=starttls, mechanism=opts.pop3_auth, forward=forward
         )
-    if protocol == "smtp" and smtp is not None:
+    if protocol == "smtp":
+        relay = creds.method is Method.NONE  # "auth none": no password, the envelope decides
         mode = route.smtp_mode or opts.smtp_mode
-        if smtp.relay and mode == "auth":
+        if relay and mode == "auth":
             mode = "none"  # a relay client has no password to AUTH with
         return SmtpLogin(
             helo_name=opts.helo_name,
-            user="" if smtp.relay else route.user,
+            user="" if relay else route.user,
             secret=route.secret,
             mode=mode,
             starttls=starttls,
             # XCLIENT exists to pass the client on; it is the point of that mode.
             forward=client if mode == "xclient" else forward,
-            client_helo=smtp.client_helo,
-            envelope=smtp.envelope,
+            client_helo=creds.smtp_helo,
+            envelope=creds.envelope if relay else (),
         )
     raise ValueError(f"no backend login core for {protocol}")
 
@@ -116,43 +112,36 @@ async def login(route: Route, opts: BackendOptions, core: LoginCore) -> BackendC
         raise BackendError(f"connect to {where} timed out", temporary=True) from None
     except (OSError, ssl.SSLError) as e:
         raise BackendError(f"connect to {where} failed: {e}", temporary=True) from None
+    deadline = loop.time() + opts.login_timeout
+
+    async def start_tls() -> None:
+        await channel.start_tls(
+            opts.tls_context, server_side=False, server_hostname=server_name, deadline=deadline
+        )
+
     try:
-        deadline = loop.time() + opts.login_timeout
-        return await _drive(channel, core, opts, server_name, deadline)
+        event = await exchange(
+            channel,
+            core,
+            [],
+            read_timeout=opts.login_timeout,
+            send_timeout=opts.login_timeout,
+            deadline=deadline,
+            start_tls=start_tls,
+        )
     except TimeoutError:
         channel.abort()
         raise BackendError(f"login at {where} timed out", temporary=True) from None
     except (OSError, ssl.SSLError) as e:
         channel.abort()
         raise BackendError(f"login at {where} failed: {e}", temporary=True) from None
-    except BackendError as e:
-        channel.close()
-        raise BackendError(f"{where}: {e.detail}", temporary=e.temporary) from None
     except BaseException:  # cancelled (shutdown, client gone): never leak the connection
         channel.abort()
         raise
-
-
-async def _drive(
-    channel: Channel, core: LoginCore, opts: BackendOptions, server_name: str, deadline: float
-) -> BackendConnection:
-    pending: list[BackendEvent] = []
-    while True:
-        if not pending:
-            pending = core.receive(await channel.recv(deadline))
-            continue
-        match pending.pop(0):
-            case Send(data=out):
-                channel.write(out)
-            case StartTLS():
-                await channel.start_tls(
-                    opts.tls_context,
-                    server_side=False,
-                    server_hostname=server_name,
-                    timeout=max(0.001, deadline - asyncio.get_running_loop().time()),
-                )
-                pending = core.tls_started()  # the core discards anything after its STARTTLS
-            case BackendReady(reply=reply, trailing=trailing):
-                return BackendConnection(channel, reply, trailing + channel.take_buffer())
-            case BackendFailed(temporary=temporary, detail=detail):
-                raise BackendError(detail, temporary=temporary)
+    if isinstance(event, BackendReady):
+        return BackendConnection(channel, event.reply, event.trailing + channel.take())
+    assert isinstance(event, BackendFailed)
+    channel.finish()
+    raise BackendError(
+        f"{where}: {event.detail}", temporary=event.temporary, client_reply=event.client_reply
+    )

@@ -13,18 +13,15 @@ The password is revealed only while the command bytes are built and is never kep
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
-from mailgate.backend import LoginFailure, describe, forwardable
-from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
-from mailgate.protocols.lines import LineBuffer, LineTooLong
+from mailgate.backend import LoginFailure, forwardable
+from mailgate.backend.core import DEFAULT_MAX_LINE, LoginCore
+from mailgate.protocols.events import BackendEvent, BackendReady, Send, StartTLS
 from mailgate.values import ClientInfo, Secret
 
-# Dovecot's imap_max_line_length default: no sane backend sends a longer line before login.
-DEFAULT_MAX_LINE = 65536
 # RFC 7888 LITERAL-: non-synchronising literals are allowed up to this many octets.
 LITERAL_MINUS_MAX = 4096
 
@@ -111,22 +108,21 @@ def _tagged(line: bytes) -> tuple[bytes, bytes, bytes]:
     return tag, status.upper(), text
 
 
-class ImapLogin:
+class ImapLogin(LoginCore):
     """Log in to an IMAP backend as `user` with `secret`. See the module docstring."""
 
     __slots__ = (
-        "_buf",
         "_caps",
         "_continued",
         "_forward",
         "_mechanism",
-        "_secret",
         "_sent_chunks",
         "_skip",
         "_starttls",
-        "_state",
-        "_user",
     )
+
+    DONE = ImapState.DONE
+    TLS_PENDING = ImapState.TLS_PENDING
 
     def __init__(
         self,
@@ -140,68 +136,29 @@ class ImapLogin:
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown IMAP backend mechanism {mechanism!r}")
-        self._user = user
-        self._secret = secret
+        super().__init__(user, secret, ImapState.GREETING, max_line)
         self._starttls = starttls
         self._mechanism = mechanism
         self._forward = forward
-        self._buf = LineBuffer(max_line)
         self._caps: frozenset[bytes] = frozenset()
-        self._state = ImapState.GREETING
         self._sent_chunks = 0  # pieces of the login command sent so far (literals split it)
         self._skip = 0  # literal bytes of an untagged response still to be discarded
         self._continued = False  # the next line continues an untagged response after a literal
 
-    @property
-    def state(self) -> ImapState:
-        return self._state
-
-    # --- driver interface ---------------------------------------------------------------
-
-    def receive(self, data: bytes) -> list[BackendEvent]:
-        """Feed bytes from the backend; b"" means it closed the connection."""
-        if self._state is ImapState.DONE:
-            return []
-        if not data:
-            self._state = ImapState.DONE
-            return [BackendFailed(temporary=True, detail="backend closed the connection")]
-        if self._state is ImapState.TLS_PENDING:
-            return []  # plaintext after the STARTTLS reply is never trusted (CVE-2011-0411)
-        self._buf.feed(data)
-        events: list[BackendEvent] = []
-        try:
-            while self._state not in (ImapState.DONE, ImapState.TLS_PENDING):
-                line = self._next_line()
-                if line is None:
-                    break
-                events += self._handlers[self._state](self, line)
-        except LoginFailure as failure:
-            events.append(self._fail(failure))
-        return events
-
-    def tls_started(self) -> list[BackendEvent]:
-        """The TLS handshake with the backend is done: forget plaintext state and log in."""
-        if self._state is not ImapState.TLS_PENDING:
-            raise RuntimeError(f"tls_started() in state {self._state.name}")
+    def _after_tls(self) -> list[BackendEvent]:
         self._caps = frozenset()  # RFC 3501 6.2.1: capabilities seen before TLS are void
-        try:
-            return self._begin_login()
-        except LoginFailure as failure:
-            return [self._fail(failure)]
+        return self._begin_login()
 
     # --- reading ------------------------------------------------------------------------
 
-    def _next_line(self) -> bytes | None:
+    def _next_unit(self) -> bytes | None:
         """The next response line, skipping literals and continuations of untagged responses."""
         while True:
             if self._skip:
                 self._skip -= len(self._buf.take(min(self._skip, len(self._buf))) or b"")
                 if self._skip:
                     return None
-            try:
-                line = self._buf.next_line()
-            except LineTooLong:
-                raise LoginFailure(True, "backend line too long") from None
+            line = self._buf.next_line()
             if line is None:
                 return None
             continuation = self._continued
@@ -307,18 +264,11 @@ class ImapLogin:
             return b""
         return TAG_ID + b" ID (" + b" ".join(pairs) + b")\r\n"
 
-    def _credentials(self) -> tuple[bytes, bytes]:
-        user = self._user.encode("utf-8", "surrogateescape")
-        password = self._secret.reveal().encode("utf-8", "surrogateescape")
-        if b"\0" in user or b"\0" in password:  # no IMAP string can carry NUL
-            raise LoginFailure(False, "user name or password contains NUL; not sent")
-        return user, password
-
     def _login_chunks(self) -> list[bytes]:
         """The login command, split where a synchronising literal must wait for "+"."""
         user, password = self._credentials()
         if self._mechanism == "plain":
-            blob = base64.b64encode(b"\0" + user + b"\0" + password)
+            blob = self._plain_blob()
             if b"SASL-IR" in self._caps:
                 return [TAG_LOGIN + b" AUTHENTICATE PLAIN " + blob + b"\r\n"]
             return [TAG_LOGIN + b" AUTHENTICATE PLAIN\r\n", blob + b"\r\n"]
@@ -340,19 +290,3 @@ class ImapLogin:
         return b"LITERAL+" in self._caps or (
             b"LITERAL-" in self._caps and size <= LITERAL_MINUS_MAX
         )
-
-    def _fail(self, failure: LoginFailure) -> BackendFailed:
-        self._state = ImapState.DONE
-        return BackendFailed(temporary=failure.temporary, detail=describe(failure, self._masks()))
-
-    def _masks(self) -> tuple[bytes, ...]:
-        """Every form in which the password could come back in a backend's echo."""
-        user = self._user.encode("utf-8", "surrogateescape")
-        password = self._secret.reveal().encode("utf-8", "surrogateescape")
-        if not password:
-            return ()
-        blob = base64.b64encode(b"\0" + user + b"\0" + password)
-        return (blob, _quote(password), password)
-
-    def __repr__(self) -> str:
-        return f"ImapLogin(user={self._user!r}, state={self._state.name})"

@@ -12,18 +12,15 @@ The password is revealed only while the command bytes are built and is never kep
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
 
-from mailgate.backend import LoginFailure, describe, forwardable
-from mailgate.protocols.events import BackendEvent, BackendFailed, BackendReady, Send, StartTLS
-from mailgate.protocols.lines import LineBuffer, LineTooLong
+from mailgate.backend import LoginFailure, forwardable
+from mailgate.backend.core import DEFAULT_MAX_LINE, LoginCore
+from mailgate.protocols.events import BackendEvent, BackendReady, Send, StartTLS
 from mailgate.values import ClientInfo, Secret
 
-# Far above RFC 2449's 512-octet response limit, the same bound as the IMAP core.
-DEFAULT_MAX_LINE = 65536
 # RFC 2449 section 4: a command line is at most 255 octets. A longer AUTH with an initial
 # response (RFC 5034) is sent as "AUTH PLAIN" and the response after the "+" instead.
 MAX_COMMAND = 255
@@ -64,10 +61,13 @@ def _code(line: bytes) -> bytes:
     return text[1:].split(b"]", 1)[0].upper()
 
 
-class Pop3Login:
+class Pop3Login(LoginCore):
     """Log in to a POP3 backend as `user` with `secret`. See the module docstring."""
 
-    __slots__ = ("_buf", "_forward", "_mechanism", "_secret", "_starttls", "_state", "_user")
+    __slots__ = ("_forward", "_mechanism", "_starttls")
+
+    DONE = Pop3State.DONE
+    TLS_PENDING = Pop3State.TLS_PENDING
 
     def __init__(
         self,
@@ -81,52 +81,10 @@ class Pop3Login:
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown POP3 backend mechanism {mechanism!r}")
-        self._user = user
-        self._secret = secret
+        super().__init__(user, secret, Pop3State.GREETING, max_line)
         self._starttls = starttls
         self._mechanism = mechanism
         self._forward = forward
-        self._buf = LineBuffer(max_line)
-        self._state = Pop3State.GREETING
-
-    @property
-    def state(self) -> Pop3State:
-        return self._state
-
-    # --- driver interface ---------------------------------------------------------------
-
-    def receive(self, data: bytes) -> list[BackendEvent]:
-        """Feed bytes from the backend; b"" means it closed the connection."""
-        if self._state is Pop3State.DONE:
-            return []
-        if not data:
-            self._state = Pop3State.DONE
-            return [BackendFailed(temporary=True, detail="backend closed the connection")]
-        if self._state is Pop3State.TLS_PENDING:
-            return []  # plaintext after the STLS reply is never trusted (CVE-2011-0411)
-        self._buf.feed(data)
-        events: list[BackendEvent] = []
-        try:
-            while self._state not in (Pop3State.DONE, Pop3State.TLS_PENDING):
-                try:
-                    line = self._buf.next_line()
-                except LineTooLong:
-                    raise LoginFailure(True, "backend line too long") from None
-                if line is None:
-                    break
-                events += self._handlers[self._state](self, line)
-        except LoginFailure as failure:
-            events.append(self._fail(failure))
-        return events
-
-    def tls_started(self) -> list[BackendEvent]:
-        """The TLS handshake with the backend is done: forget plaintext and go on."""
-        if self._state is not Pop3State.TLS_PENDING:
-            raise RuntimeError(f"tls_started() in state {self._state.name}")
-        try:
-            return self._after_tls()
-        except LoginFailure as failure:
-            return [self._fail(failure)]
 
     # --- handlers, one per state ---------------------------------------------------------
 
@@ -229,25 +187,3 @@ class Pop3Login:
             raise LoginFailure(False, "user name or password contains CR, LF or NUL; not sent")
         self._state = Pop3State.USER
         return [Send(b"USER " + user + b"\r\n")]
-
-    def _plain_blob(self) -> bytes:
-        user = self._user.encode("utf-8", "surrogateescape")
-        password = self._secret.reveal().encode("utf-8", "surrogateescape")
-        if b"\0" in user or b"\0" in password:  # NUL is PLAIN's field separator
-            raise LoginFailure(False, "user name or password contains NUL; not sent")
-        return base64.b64encode(b"\0" + user + b"\0" + password)
-
-    def _fail(self, failure: LoginFailure) -> BackendFailed:
-        self._state = Pop3State.DONE
-        return BackendFailed(temporary=failure.temporary, detail=describe(failure, self._masks()))
-
-    def _masks(self) -> tuple[bytes, ...]:
-        """Every form in which the password could come back in a backend's echo."""
-        user = self._user.encode("utf-8", "surrogateescape")
-        password = self._secret.reveal().encode("utf-8", "surrogateescape")
-        if not password:
-            return ()
-        return (base64.b64encode(b"\0" + user + b"\0" + password), password)
-
-    def __repr__(self) -> str:
-        return f"Pop3Login(user={self._user!r}, state={self._state.name})"

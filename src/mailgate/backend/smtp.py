@@ -12,35 +12,23 @@ What nginx's ngx_mail_proxy_module does for SMTP, plus STARTTLS to the backend a
 One command at a time, each reply read in full (multi-line replies included) before the next
 command: no pipelining, so a reply always belongs to the command just sent. `BackendReady.reply`
 is the final line of the last reply: the answer to the last RCPT (the relay client's answer),
-else the 235 or the EHLO's 250. `last_reply` keeps the final line of the latest reply, so that
-a 5xx to RCPT, which is the backend's verdict on the recipient, can reach the client unchanged:
-`envelope_rejection()` turns it into the `Rejected` outcome for the client core.
+else the 235 or the EHLO's 250. A refusal of an envelope line is the backend's verdict on the
+sender or recipient: `BackendFailed.client_reply` carries it, code and text, to the client.
 """
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import ClassVar
 
-from mailgate.backend import LoginFailure, describe, forwardable
-from mailgate.protocols.events import (
-    BackendEvent,
-    BackendFailed,
-    BackendReady,
-    Rejected,
-    Send,
-    StartTLS,
-)
-from mailgate.protocols.lines import LineBuffer, LineTooLong
+from mailgate.backend import LoginFailure, forwardable
+from mailgate.backend.core import DEFAULT_MAX_LINE, LoginCore
+from mailgate.protocols.events import BackendEvent, BackendReady, Rejected, Send, StartTLS
 from mailgate.values import ClientInfo, Secret
 
-# RFC 5321 4.5.3.1.5 caps a reply line at 512 octets; a lax backend gets far more room, and
-# any line longer than this is a broken peer, not a reply.
-DEFAULT_MAX_LINE = 65536
 # An EHLO reply has one line per extension, and the IANA SMTP service extension registry has
 # fewer than 60 entries: a longer reply is a runaway peer.
 MAX_REPLY_LINES = 128
@@ -116,11 +104,10 @@ def _capabilities(reply: Reply) -> dict[str, tuple[str, ...]]:
     return caps
 
 
-class SmtpLogin:
+class SmtpLogin(LoginCore):
     """Open an SMTP session for a client on a backend. See the module docstring."""
 
     __slots__ = (
-        "_buf",
         "_caps",
         "_client_helo",
         "_envelope",
@@ -129,17 +116,14 @@ class SmtpLogin:
         "_lines",
         "_mode",
         "_queue",
-        "_refused_envelope",
-        "_secret",
         "_sent",
         "_starttls",
-        "_state",
         "_tls_done",
-        "_user",
         "_xclient_done",
-        "last_reply",
     )
 
+    DONE = SmtpLoginState.DONE
+    TLS_PENDING = SmtpLoginState.TLS_PENDING
     _handlers: ClassVar[dict[SmtpLoginState, Callable[[SmtpLogin, Reply], list[BackendEvent]]]]
 
     def __init__(
@@ -157,83 +141,33 @@ class SmtpLogin:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown SMTP backend mode {mode!r}")
+        super().__init__(user, secret, SmtpLoginState.GREETING, max_line)
         self._helo_name = helo_name
-        self._user = user
-        self._secret = secret
         self._mode = mode
         self._starttls = starttls
         self._forward = forward
         self._client_helo = client_helo
         self._envelope = envelope
-        self._buf = LineBuffer(max_line)
         self._lines: list[bytes] = []  # lines of a multi-line reply read so far
         self._caps: dict[str, tuple[str, ...]] = {}
         self._queue: list[bytes] = []  # commands of the current step still to send
         self._sent = 0  # envelope lines sent so far
         self._tls_done = False
         self._xclient_done = False
-        self._refused_envelope = False  # the backend answered an envelope line with 4xx/5xx
-        self._state = SmtpLoginState.GREETING
-        self.last_reply = b""  # the final line of the latest complete reply
 
-    @property
-    def state(self) -> SmtpLoginState:
-        return self._state
-
-    # --- driver interface ---------------------------------------------------------------
-
-    def receive(self, data: bytes) -> list[BackendEvent]:
-        """Feed bytes from the backend; b"" means it closed the connection."""
-        if self._state is SmtpLoginState.DONE:
-            return []
-        if not data:
-            self._state = SmtpLoginState.DONE
-            return [BackendFailed(temporary=True, detail="backend closed the connection")]
-        if self._state is SmtpLoginState.TLS_PENDING:
-            return []  # plaintext after the STARTTLS reply is never trusted (CVE-2011-0411)
-        self._buf.feed(data)
-        events: list[BackendEvent] = []
-        try:
-            while self._state not in (SmtpLoginState.DONE, SmtpLoginState.TLS_PENDING):
-                reply = self._next_reply()
-                if reply is None:
-                    break
-                self.last_reply = reply.last
-                events += self._handlers[self._state](self, reply)
-        except LoginFailure as failure:
-            events.append(self._fail(failure))
-        return events
-
-    def tls_started(self) -> list[BackendEvent]:
-        """The TLS handshake with the backend is done: EHLO again (RFC 3207 section 4.2)."""
-        if self._state is not SmtpLoginState.TLS_PENDING:
-            raise RuntimeError(f"tls_started() in state {self._state.name}")
-        self._buf.clear()
+    def _after_tls(self) -> list[BackendEvent]:
+        """EHLO again (RFC 3207 section 4.2): what the server said before TLS is void."""
         self._lines.clear()
-        self._caps = {}  # RFC 3207 4.2: what the server said before TLS is void
+        self._caps = {}
         self._tls_done = True
         return self._ehlo(self._helo_name)
 
-    def envelope_rejection(self) -> Rejected | None:
-        """After a failure: the backend's own refusal of a MAIL or RCPT line, as the outcome
-        for the client core (its code and text reach the client), else None."""
-        if not self._refused_envelope:
-            return None
-        code, _, text = self.last_reply.decode("ascii", "replace").partition(" ")
-        enhanced, _, rest = text.partition(" ")
-        if _ENHANCED.fullmatch(enhanced):
-            return Rejected(rest, f"{code} {enhanced}")
-        return Rejected(text, code)
-
     # --- reading ------------------------------------------------------------------------
 
-    def _next_reply(self) -> Reply | None:
+    def _next_unit(self) -> Reply | None:
         """The next whole reply, or None until its final line has arrived."""
         while True:
-            try:
-                line = self._buf.next_line()
-            except LineTooLong:
-                raise LoginFailure(True, "backend line too long") from None
+            line = self._buf.next_line()
             if line is None:
                 return None
             code, final, _ = _reply_line(line)
@@ -292,8 +226,11 @@ class SmtpLogin:
         raise LoginFailure(temporary, "backend refused the login", reply.last)
 
     def _on_envelope(self, reply: Reply) -> list[BackendEvent]:
-        self._refused_envelope = reply.code // 100 != 2
-        self._expect(reply, 250, "backend refused the envelope", verdict=True, any_2xx=True)
+        if reply.code // 100 != 2:
+            # The backend's verdict on the sender or recipient is the client's answer too.
+            temporary = reply.code // 100 != 5
+            detail = f"backend refused the envelope ({reply.code // 100}xx)"
+            raise LoginFailure(temporary, detail, reply.last, _client_reply(reply.last))
         return self._next_envelope(reply)
 
     _handlers = {  # noqa: RUF012 - a ClassVar, declared above
@@ -307,12 +244,10 @@ class SmtpLogin:
 
     # --- steps ---------------------------------------------------------------------------
 
-    def _expect(
-        self, reply: Reply, code: int, what: str, *, verdict: bool = False, any_2xx: bool = False
-    ) -> None:
+    def _expect(self, reply: Reply, code: int, what: str, *, verdict: bool = False) -> None:
         """Raise unless the reply is `code`. A 5xx is permanent only where it is the backend's
-        `verdict` on the client (greeting, envelope); anything else is temporary."""
-        if reply.code == code or (any_2xx and reply.code // 100 == 2):
+        `verdict` on the client (its greeting); anything else is temporary."""
+        if reply.code == code:
             return
         temporary = not (verdict and reply.code // 100 == 5)
         raise LoginFailure(temporary, f"{what} ({reply.code // 100}xx)", reply.last)
@@ -376,7 +311,7 @@ class SmtpLogin:
     def _auth(self) -> list[BackendEvent]:
         if "PLAIN" not in self._caps.get("AUTH", ()):
             raise LoginFailure(True, "backend does not offer AUTH PLAIN")
-        blob = base64.b64encode(b"\0" + self._user_bytes() + b"\0" + self._password())
+        blob = self._plain_blob()
         self._state = SmtpLoginState.AUTH
         command = b"AUTH PLAIN " + blob + CRLF
         if len(command) <= MAX_AUTH_LINE:
@@ -395,29 +330,12 @@ class SmtpLogin:
 
     # --- secrets and failures ---------------------------------------------------------------
 
-    def _user_bytes(self) -> bytes:
-        user = self._user.encode("utf-8", "surrogateescape")
-        if b"\0" in user:
-            raise LoginFailure(False, "user name contains NUL; not sent")
-        return user
 
-    def _password(self) -> bytes:
-        password = self._secret.reveal().encode("utf-8", "surrogateescape")
-        if b"\0" in password:
-            raise LoginFailure(False, "password contains NUL; not sent")
-        return password
-
-    def _fail(self, failure: LoginFailure) -> BackendFailed:
-        self._state = SmtpLoginState.DONE
-        return BackendFailed(temporary=failure.temporary, detail=describe(failure, self._masks()))
-
-    def _masks(self) -> tuple[bytes, ...]:
-        """Every form in which the password could come back in a backend's echo."""
-        password = self._secret.reveal().encode("utf-8", "surrogateescape")
-        if not password:
-            return ()
-        user = self._user.encode("utf-8", "surrogateescape")
-        return (base64.b64encode(b"\0" + user + b"\0" + password), password)
-
-    def __repr__(self) -> str:
-        return f"SmtpLogin(user={self._user!r}, mode={self._mode}, state={self._state.name})"
+def _client_reply(last: bytes) -> Rejected:
+    """The backend's refusal of a MAIL or RCPT line as the client core's outcome (its code
+    and text reach the client)."""
+    code, _, text = last.decode("ascii", "replace").partition(" ")
+    enhanced, _, rest = text.partition(" ")
+    if _ENHANCED.fullmatch(enhanced):
+        return Rejected(rest, f"{code} {enhanced}")
+    return Rejected(text, code)

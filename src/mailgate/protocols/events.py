@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.values import Credentials
+from mailgate.values import CloseReason, Credentials
 
 # --- events a core asks the driver to perform -------------------------------------------------
 
@@ -35,9 +35,9 @@ class Authenticate:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the connection after the preceding sends are flushed. `reason` is for the log."""
+    """Close the connection after the preceding sends are flushed."""
 
-    reason: str
+    reason: CloseReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +54,18 @@ class BackendReady:
 
 @dataclass(frozen=True, slots=True)
 class BackendFailed:
-    """Backend side: the login failed. `detail` is the backend's text, for the log only."""
+    """Backend side: the login failed. `detail` is the backend's text, for the log only.
+
+    `temporary` says whose fault it is: True when the backend is in trouble (unreachable, a
+    timeout, a BYE, [UNAVAILABLE]), which counts against its health; False when it refused the
+    credentials it was given. The client gets the protocol's temporary failure either way,
+    unless `client_reply` is set: the backend's own answer has the last word (an SMTP backend
+    refusing a relayed recipient: its code and text).
+    """
 
     temporary: bool
     detail: str
+    client_reply: Rejected | None = None
 
 
 Event = Send | StartTLS | Authenticate | Close
@@ -87,17 +95,29 @@ class Unavailable:
     """Auth service or backend could not be reached or answered garbage: a temporary failure."""
 
 
-LoginOutcome = LoggedIn | Rejected | Unavailable
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """A session limit (per user, per user and address, per address) refuses the login: a
+    temporary failure that says so (RFC 5530 [LIMIT], RFC 3206 [IN-USE])."""
+
+
+LoginOutcome = LoggedIn | Rejected | Unavailable | Limited
 
 
 class ProtocolError(Exception):
-    """Raised inside a core; carries the exact reply. Turned into events in one place per core.
+    """Raised inside a core; carries the exact reply. Turned into events in one place.
 
-    The reply never contains exception text or anything the client sent before authentication
-    beyond what the protocol requires (the IMAP tag).
+    `close` is set when the session must end after the reply. The reply never contains
+    exception text or anything the client sent before authentication beyond what the protocol
+    requires (the IMAP tag).
     """
 
-    def __init__(self, reply: bytes, *, close: bool = False) -> None:
+    def __init__(self, reply: bytes, *, close: CloseReason | None = None) -> None:
         super().__init__(reply.decode("ascii", "replace").rstrip())
         self.reply = reply
         self.close = close
+
+
+class BadCommand(ProtocolError):
+    """An error reply to a command the client should not have sent: spends the error budget
+    (nginx's max_errors). Every refused command is one, in every protocol."""

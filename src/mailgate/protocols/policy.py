@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Bytes a client may pipeline behind the command that starts a login while the login is being
+# decided (RFC 2920, RFC 2449 PIPELINING, RFC 7888). 64 KiB is a full TCP window without window
+# scaling and holds an SMTP relay client's 100 RCPT lines (RFC 5321 4.5.3.1.8) with room to
+# spare: a client that sends more without reading our answer is flooding, not pipelining.
+MAX_PIPELINED = 64 * 1024
+# The longest pre-auth line. Dovecot's imap_max_line_length is 64 KiB, and a pre-login ID
+# (RFC 2971 3.3: 30 pairs, values up to 1024 octets) needs about 32 KiB, more with escapes.
+# The buffer grows only as a line arrives: an ordinary session never holds more than its line.
+MAX_LINE = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class PreAuthPolicy:
     # Enabled login methods in the protocol's own config names, lower case:
     # imap: "login" (the LOGIN command), "plain", "cram-md5" (AUTHENTICATE ...)
-    # pop3: "user" (USER/PASS), "apop", "plain", "cram-md5" (AUTH ...)
+    # pop3: "user" (USER/PASS), "apop", "plain", "login", "cram-md5" (AUTH ...)
     # smtp: "plain", "login", "cram-md5", "none"
     mechanisms: tuple[str, ...]
     # Extra capabilities to advertise before login (IMAP CAPABILITY atoms, POP3 CAPA lines,
@@ -20,10 +30,9 @@ class PreAuthPolicy:
     starttls_only: bool  # refuse cleartext logins until TLS is active
     greeting: str  # text after "* OK " / "+OK " / "220 "
     hostname: str = "localhost"  # for SMTP replies and salts
-    max_errors: int = 5  # bad or unknown commands before the session is closed (nginx: 5)
-    # RFC 7162 section 4 asks clients to keep lines under 8192 octets; a pre-auth line is far
-    # shorter in practice (tag, command, two credentials).
-    max_line: int = 8192
-    # An IMAP literal before login can only carry a user name or password.
+    max_errors: int = 5  # refused commands before the session is closed (nginx: 5)
+    max_line: int = MAX_LINE
+    # An IMAP literal before login can only carry a user name, a password or an ID value.
     max_literal: int = 4096
-    max_auth_attempts: int = 3  # failed logins before the session is closed
+    max_auth_attempts: int = 3  # logins that did not succeed before the session is closed
+    max_pipelined: int = MAX_PIPELINED

@@ -1,7 +1,7 @@
 """Benchmark: one IMAP/POP3 backend reached directly and through every login proxy we compare.
 
-    python bench/run.py              # the full comparison, ~15 minutes: 5 interleaved rounds
-    python bench/run.py --quick      # ~1 minute smoke run: 2 short rounds
+    python bench/run.py              # the full comparison, ~12 minutes: 5 interleaved rounds
+    python bench/run.py --quick      # ~1.5 minute smoke run: 2 short rounds
     python bench/run.py --selftest   # one tiny round (< 30 s): does the bench still run?
     python bench/run.py --scale      # 100,000 concurrent idle IMAP sessions through mailgate
     python bench/run.py --compare ../other/src   # another checkout's mailgate, same rounds
@@ -281,7 +281,7 @@ def comparison(args: argparse.Namespace, lab: Lab) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~1 minute: 2 short rounds")
+    parser.add_argument("--quick", action="store_true", help="~1.5 minutes: 2 short rounds")
     parser.add_argument("--selftest", action="store_true", help="one tiny round, < 30 s")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 2)")
     parser.add_argument("--logins", type=int, help="logins per plaintext login run")

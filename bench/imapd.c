@@ -1,20 +1,25 @@
 /*
- * imapd: a tiny, fast IMAP backend for the mailgate benchmark. Not a mail server.
+ * imapd: a tiny, fast IMAP (and POP3) backend for the mailgate benchmark. Not a mail server.
  *
  * One thread, epoll (level-triggered), non-blocking sockets. It speaks just enough IMAP for
- * the three benchmark paths (direct, mailgate, nginx mail proxy):
+ * every benchmark path (direct, the proxies, mailgate, the seed's nginx):
  *   greeting "* OK [CAPABILITY ...]"; LOGIN (quoted atoms or synchronising literals, which is
  *   how nginx logs in: "a LOGIN {5}" ... "+" ... "user {6}" ... "+" ... "secret");
  *   AUTHENTICATE PLAIN (with or without an initial response); CAPABILITY, ID, NOOP;
  *   FETCH -> "* 1 FETCH (BODY[] {N}\r\n" + N bytes from one static buffer + ")\r\n";
  *   LOGOUT -> BYE, tagged OK, then the server closes. Every login succeeds.
+ * With -p, the same process also speaks POP3 on a second port: greeting "+OK", USER, PASS,
+ *   AUTH PLAIN (with or without an initial response), CAPA, XCLIENT, NOOP, STAT,
+ *   RETR -> "+OK N octets" + N bytes + ".", QUIT -> "+OK" and the server closes.
  * A connection's next command is parsed only once its previous reply is fully written, which
  * bounds memory per connection to the input buffer and three output segments.
  *
- * usage: imapd PORT [BODY_BYTES]      (listens on 127.0.0.1; prints "ready PORT" when up)
+ * usage: imapd [-p POP3_PORT] [-b BODY_BYTES] IMAP_PORT
+ *   (listens on 127.0.0.1; prints "ready IMAP_PORT [POP3_PORT]" when up; port 0 = any free one)
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <getopt.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -37,9 +42,11 @@ enum seg { PRE, BODY, POST, NSEG };
 
 struct conn {
     int fd;
+    int pop3;                    /* 1 = a POP3 connection, 0 = IMAP */
     int closing;                 /* close once the output is flushed (LOGOUT) */
     size_t lit_skip;             /* client literal bytes still to swallow */
-    int pending;                 /* 1 = LOGIN waiting for literal data, 2 = AUTH PLAIN "+" */
+    int pending;                 /* 1 = LOGIN waiting for literal data, 2 = AUTH PLAIN "+",
+                                    3 = POP3 AUTH PLAIN "+" */
     char tag[64];
     char in[INBUF];
     size_t in_len;
@@ -160,6 +167,49 @@ static void command(struct conn *c, char *line, size_t len) {
 #undef IS
 }
 
+/* One POP3 command line. Every login succeeds; RETR sends the shared body. */
+static void pop3_command(struct conn *c, char *line, size_t len) {
+    char buf[SMALL];
+    line[len] = 0;
+    if (c->pending == 3) {                   /* the AUTH PLAIN response line */
+        c->pending = 0;
+        reply(c, "+OK Logged in.\r\n", 0, "");
+        return;
+    }
+    char *args = strchr(line, ' ');
+    size_t clen = args ? (size_t)(args - line) : len;
+#define IS(word) (clen == sizeof(word) - 1 && strncasecmp(line, word, clen) == 0)
+    if (IS("USER")) {
+        reply(c, "+OK\r\n", 0, "");
+    } else if (IS("PASS")) {
+        reply(c, "+OK Logged in.\r\n", 0, "");
+    } else if (IS("AUTH")) {
+        char *ir = args ? strchr(args + 1, ' ') : NULL;
+        if (ir) {
+            reply(c, "+OK Logged in.\r\n", 0, "");
+        } else {
+            c->pending = 3;
+            reply(c, "+ \r\n", 0, "");
+        }
+    } else if (IS("CAPA")) {
+        reply(c, "+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n", 0, "");
+    } else if (IS("STAT")) {
+        snprintf(buf, sizeof buf, "+OK 1 %zu\r\n", body_len);
+        reply(c, buf, 0, "");
+    } else if (IS("RETR")) {
+        snprintf(buf, sizeof buf, "+OK %zu octets\r\n", body_len);
+        reply(c, buf, 1, "\r\n.\r\n");
+    } else if (IS("QUIT")) {
+        reply(c, "+OK Logging out.\r\n", 0, "");
+        c->closing = 1;
+    } else if (IS("NOOP") || IS("XCLIENT")) {
+        reply(c, "+OK\r\n", 0, "");
+    } else {
+        reply(c, "-ERR unknown command\r\n", 0, "");
+    }
+#undef IS
+}
+
 /* Parse buffered input while no reply is pending. */
 static void parse(struct conn *c) {
     size_t pos = 0;
@@ -174,7 +224,8 @@ static void parse(struct conn *c) {
         if (!nl) break;
         size_t len = (size_t)(nl - (c->in + pos));
         if (len && c->in[pos + len - 1] == '\r') len--;
-        command(c, c->in + pos, len);
+        if (c->pop3) pop3_command(c, c->in + pos, len);
+        else command(c, c->in + pos, len);
         pos = (size_t)(nl - c->in) + 1;
     }
     memmove(c->in, c->in + pos, c->in_len - pos);
@@ -218,7 +269,7 @@ static void serve(struct conn *c) {
     }
 }
 
-static void accept_all(int lfd) {
+static void accept_all(int lfd, int pop3) {
     for (;;) {
         int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
         if (fd < 0) {
@@ -231,36 +282,63 @@ static void accept_all(int lfd) {
         struct conn *c = calloc(1, sizeof *c);
         if (!c) { close(fd); continue; }
         c->fd = fd;
+        c->pop3 = pop3;
         struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) { drop(c); continue; }
-        reply(c, "* OK [CAPABILITY IMAP4rev1 IDLE AUTH=PLAIN] imapd ready.\r\n", 0, "");
+        if (pop3) reply(c, "+OK imapd POP3 ready.\r\n", 0, "");
+        else reply(c, "* OK [CAPABILITY IMAP4rev1 IDLE AUTH=PLAIN] imapd ready.\r\n", 0, "");
         serve(c);
     }
 }
 
+/* A non-blocking listener on 127.0.0.1:port (0: any free port); returns the fd, *port set. */
+static int listen_on(int *port) {
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int one = 1;
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(*port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0) die("bind");
+    if (listen(lfd, 4096) < 0) die("listen");
+    socklen_t al = sizeof a;
+    getsockname(lfd, (struct sockaddr *)&a, &al);
+    *port = ntohs(a.sin_port);
+    return lfd;
+}
+
+/* epoll data of the two listeners: these addresses are never a struct conn. */
+static int imap_tag, pop3_tag;
+
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: imapd PORT [BODY_BYTES]\n"); return 2; }
-    if (argc > 2) body_len = strtoul(argv[2], NULL, 10);
+    int pop3_port = -1, opt;
+    while ((opt = getopt(argc, argv, "p:b:")) != -1) {
+        if (opt == 'p') pop3_port = atoi(optarg);
+        else if (opt == 'b') body_len = strtoul(optarg, NULL, 10);
+        else return 2;
+    }
+    if (optind >= argc) {
+        fprintf(stderr, "usage: imapd [-p POP3_PORT] [-b BODY_BYTES] IMAP_PORT\n");
+        return 2;
+    }
+    int imap_port = atoi(argv[optind]);
     signal(SIGPIPE, SIG_IGN);
     body = malloc(body_len);
     if (!body) die("malloc");
     for (size_t i = 0; i < body_len; i++)   /* printable, with a CRLF every 78 bytes */
         body[i] = (i % 80 == 78) ? '\r' : (i % 80 == 79) ? '\n' : (char)('A' + i % 26);
 
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    int one = 1;
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1])),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0) die("bind");
-    if (listen(lfd, 4096) < 0) die("listen");
-    socklen_t al = sizeof a;
-    getsockname(lfd, (struct sockaddr *)&a, &al);
-
     ep = epoll_create1(0);
-    struct epoll_event lev = {.events = EPOLLIN, .data.ptr = NULL};
-    epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &lev);
-    printf("ready %d\n", ntohs(a.sin_port));
+    int imap_fd = listen_on(&imap_port), pop3_fd = -1;
+    struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &imap_tag};
+    epoll_ctl(ep, EPOLL_CTL_ADD, imap_fd, &lev);
+    if (pop3_port >= 0) {
+        pop3_fd = listen_on(&pop3_port);
+        struct epoll_event pev = {.events = EPOLLIN, .data.ptr = &pop3_tag};
+        epoll_ctl(ep, EPOLL_CTL_ADD, pop3_fd, &pev);
+        printf("ready %d %d\n", imap_port, pop3_port);
+    } else {
+        printf("ready %d\n", imap_port);
+    }
     fflush(stdout);
 
     struct epoll_event evs[MAX_EVENTS];
@@ -268,7 +346,8 @@ int main(int argc, char **argv) {
         int n = epoll_wait(ep, evs, MAX_EVENTS, -1);
         if (n < 0 && errno != EINTR) die("epoll_wait");
         for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr == NULL) accept_all(lfd);
+            if (evs[i].data.ptr == &imap_tag) accept_all(imap_fd, 0);
+            else if (evs[i].data.ptr == &pop3_tag) accept_all(pop3_fd, 1);
             else serve(evs[i].data.ptr);
         }
     }

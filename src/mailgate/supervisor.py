@@ -430,8 +430,16 @@ class Supervisor:
         from mailgate.control import serve_control
 
         path = config.control_socket_path(self.settings)
-        if path is not None:
+        if path is None:
+            return
+        try:
             self.control = await serve_control(path, self)
+        except OSError as e:
+            if self.settings.control_socket is not None:
+                raise  # the operator named it: a socket that cannot be had is an error
+            # The default beside the configuration file is taken (another mailgate started
+            # from the same directory): run without one rather than not at all.
+            log.warning("no control socket: %s", e)
 
     def _close_control(self) -> None:
         if self.control is not None:

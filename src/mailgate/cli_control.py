@@ -44,6 +44,7 @@ def register(sub: Any, load_settings: LoadSettings) -> None:
     )
     backend.add_argument("action", choices=("list", "up", "down", "drain"))
     backend.add_argument("name", nargs="?", metavar="NAME")
+    backend.add_argument("--json", action="store_true", help="the members as a JSON list")
 
 
 def _run(args: argparse.Namespace, load_settings: LoadSettings, run: Callable[..., int]) -> int:
@@ -152,6 +153,10 @@ def _backend(args: argparse.Namespace, path: Any) -> int:
         return EXIT_USAGE
     answer = request(path, {"op": "backend", "action": args.action, "name": args.name})
     members = answer.get("members")
+    if members is not None and args.json:
+        json.dump(members, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
     if members is None:
         print(f"{args.action}: {', '.join(str(e) for e in answer.get('events', [])) or 'done'}")
         return EXIT_OK

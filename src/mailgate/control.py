@@ -118,28 +118,27 @@ async def _answer(request: dict[str, Any], supervisor: Supervisor) -> dict[str, 
     if op == "flush":
         return {"ok": True, "workers": len(await supervisor.fanout("flush"))}
     if op == "backend":
-        answers = await supervisor.fanout("backend", request.get("action"), request.get("name"))
-        return _backend_answer(answers)
+        return await _backend(supervisor, str(request.get("action")), request.get("name") or "")
     return {"ok": False, "error": f"unknown request {op!r}"}
 
 
-def _backend_answer(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every worker applied the command itself (one state per worker, kept alike this way);
-    the first answer speaks for them, with the members' sessions summed over the workers."""
-    if not answers:
-        return {"ok": False, "error": "no worker answered"}
-    first = dict(answers[0])
-    if "members" in first:
-        sessions: dict[tuple[str, str], int] = {}
-        for answer in answers:
-            for member in answer.get("members", []):
-                key = (member["pool"], member["member"])
-                sessions[key] = sessions.get(key, 0) + int(member.get("sessions", 0))
-        first["members"] = [
-            {**m, "sessions": sessions[(m["pool"], m["member"])]} for m in first["members"]
-        ]
-    first.setdefault("ok", True)
-    return first
+async def _backend(supervisor: Supervisor, action: str, name: str) -> dict[str, Any]:
+    """The supervisor keeps the node's backend health: it applies the command (and tells the
+    workers); the members' session counts are the workers', summed."""
+    if supervisor.router is None:
+        return {"ok": False, "error": "no backend router"}
+    answer = supervisor.router.command(action, name)
+    if not answer.get("ok") or "members" not in answer:
+        return answer
+    sessions: dict[tuple[str, str], int] = {}
+    for listing in await supervisor.fanout("backend", "list", ""):
+        for member in listing.get("members", []):
+            key = (member["pool"], member["member"])
+            sessions[key] = sessions.get(key, 0) + int(member.get("sessions", 0))
+    members = [
+        {**m, "sessions": sessions.get((m["pool"], m["member"]), 0)} for m in answer["members"]
+    ]
+    return {**answer, "members": members}
 
 
 def _summary(supervisor: Supervisor, workers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from mailgate import preflight as preflight_checks
 from mailgate.auth import Authenticator
 from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
+from mailgate.backend.pools import HealthEvent
 from mailgate.backend.routing import BackendRouter
 from mailgate.config import ConfigError, ListenerSettings, Settings
 from mailgate.link import Link
@@ -119,12 +120,14 @@ class Worker:
         handle_signals: bool = True,
         link: socket.socket | None = None,
         index: int = 0,
+        health: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.handle_signals = handle_signals
         self.sockets = sockets
         self.link_socket = link
         self.index = index
+        self.health = health  # the supervisor's backend health when this worker was forked
         self.link: Link | None = None
         self.sessions = Sessions()
         self.handshakes = Handshakes(settings.limits)
@@ -147,13 +150,20 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGUSR1, lambda: _flush(authenticator))
+        # Under a supervisor, it runs the active checks and keeps the node's health; this
+        # worker reports what its logins see and applies what the supervisor sends.
+        supervised = self.link is not None
         self.router = BackendRouter.from_settings(
             self.settings,
             listening=[
                 (lst.host, sock.getsockname()[1])
                 for lst, sock in zip(self.settings.listeners, self.sockets, strict=True)
             ],
+            run_checks=not supervised,
+            publish=self._report_health if supervised else None,
         )
+        if self.health:
+            self.router.state.restore(self.health)
         self.router.start()
         servers = await self._listen(store)
         self.ready = True
@@ -262,7 +272,14 @@ class Worker:
         if op == "backend":
             action, name = args
             return self.router.command(action, name or "")
+        if op == "health":
+            self.router.apply_remote(HealthEvent.from_json(args[0]))
+            return None
         raise ValueError(f"unknown request {op!r}")
+
+    def _report_health(self, event: HealthEvent) -> None:
+        if self.link is not None:
+            self.link.notify("health", event.to_json())
 
     def _supervisor_gone(self) -> None:
         if not self.stop.is_set():
@@ -529,11 +546,16 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_worker(
-    settings: Settings, sockets: list[socket.socket], link: socket.socket | None, index: int
+    settings: Settings,
+    sockets: list[socket.socket],
+    link: socket.socket | None,
+    index: int,
+    health: dict[str, Any] | None = None,
 ) -> None:
     loop = new_loop()
     try:
-        loop.run_until_complete(Worker(settings, sockets, link=link, index=index).run())
+        worker = Worker(settings, sockets, link=link, index=index, health=health)
+        loop.run_until_complete(worker.run())
     finally:
         loop.close()
 

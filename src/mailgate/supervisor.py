@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailgate import config, logsetup, metrics, sdnotify
+from mailgate.backend.pools import HealthEvent
+from mailgate.backend.routing import BackendRouter
 from mailgate.config import ConfigError, ListenerSettings, Settings
 from mailgate.link import Link, LinkError, pair
 from mailgate.link import connect as link_connect
@@ -85,6 +87,9 @@ class Supervisor:
         self._exit_code = 0
         self._stop: asyncio.Event | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        # Backend health, one truth for the node: the active checks run here, the workers'
+        # passive events come here, and every change goes out to every worker.
+        self.router: BackendRouter | None = None
 
     # --- running ------------------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class Supervisor:
         self.reloading = asyncio.Lock()
         self._bind(self.settings)
         self._announce(self.settings)
+        self.router = self._router(self.settings)
         if self.settings.metrics_listen:
             metrics.serve(self.settings.metrics_listen)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +131,8 @@ class Supervisor:
             sdnotify.stopping()
             self.stopping = True
             await self._stop_all()
+            if self.router is not None:
+                await self.router.close()
             self._close_control()
             for sock in self.sockets.values():
                 sock.close()
@@ -171,6 +179,26 @@ class Supervisor:
                 "listening: %s on %s port %d (tls=%s)", listener.protocol, host, port, listener.tls
             )
 
+    def _router(self, settings: Settings) -> BackendRouter:
+        router = BackendRouter.from_settings(
+            settings,
+            listening=[
+                (lst.host, self.sockets[listener_key(lst)].getsockname()[1])
+                for lst in settings.listeners
+            ],
+            publish=lambda event: self._broadcast_health(event, None),
+        )
+        if self.router is not None:
+            router.state.restore(self.router.state.snapshot())
+        router.start()
+        return router
+
+    def _broadcast_health(self, event: HealthEvent, source: WorkerProcess | None) -> None:
+        data = event.to_json()
+        for worker in self.workers.values():
+            if worker is not source:
+                worker.link.notify("health", data)
+
     def _sockets_for(self, settings: Settings) -> list[socket.socket]:
         return [self.sockets[listener_key(listener)] for listener in settings.listeners]
 
@@ -190,7 +218,8 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker: it never returns into the supervisor's loop
             ours.close()
-            self._become_worker(settings, sockets, theirs, index)
+            snapshot = self.router.state.snapshot() if self.router is not None else {}
+            self._become_worker(settings, sockets, theirs, index, snapshot)
         theirs.close()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         worker: WorkerProcess | None = None
@@ -205,7 +234,12 @@ class Supervisor:
         return worker
 
     def _become_worker(
-        self, settings: Settings, sockets: list[socket.socket], link: socket.socket, index: int
+        self,
+        settings: Settings,
+        sockets: list[socket.socket],
+        link: socket.socket,
+        index: int,
+        health: dict[str, Any],
     ) -> None:
         from mailgate.server import run_worker
 
@@ -218,7 +252,7 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_IGN)  # the supervisor's business
             asyncio.events._set_running_loop(None)  # a fresh loop of its own
             self._close_inherited(sockets, link)
-            run_worker(settings, sockets, link, index)
+            run_worker(settings, sockets, link, index, health)
         except BaseException:  # a worker must never return into the supervisor's loop
             log.exception("worker failed")
             code = 1
@@ -334,6 +368,12 @@ class Supervisor:
             if worker is not None and not worker.ready.done():
                 worker.ready.set_result(None)
             return None
+        if op == "health":  # a worker's passive observation: apply it, tell the others
+            event = HealthEvent.from_json(args[0])
+            if self.router is not None:
+                self.router.apply_remote(event)
+            self._broadcast_health(event, worker)
+            return None
         raise ValueError(f"unknown request {op!r}")
 
     async def fanout(self, op: str, *args: Any) -> list[Any]:
@@ -373,9 +413,14 @@ class Supervisor:
         except (ConfigError, OSError) as e:
             return False, f"the new configuration was not applied: {e}"
         old = [w for w in self.workers.values() if not w.draining]
+        # The new pools' health (what still exists keeps its state) before the new workers
+        # fork, for them to start from it.
+        old_router, self.router = self.router, self._router(settings)
         try:
             started = await self._start_generation(settings)
         except Exception as e:  # a worker of the new generation died or did not get ready
+            await self.router.close()
+            self.router = old_router
             for worker in list(self.workers.values()):
                 if worker.generation == self.generation:
                     with contextlib.suppress(ProcessLookupError):
@@ -388,6 +433,8 @@ class Supervisor:
             *(self._drain(w, settings.reload_drain_timeout) for w in old), return_exceptions=True
         )
         self._close_unused(settings)
+        if old_router is not None:
+            await old_router.close()
         self.settings = settings
         self.state.configure(settings.throttle, settings.limits)
         self._announce(settings)

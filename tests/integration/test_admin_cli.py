@@ -80,11 +80,11 @@ def auth_test(cli: Cli, password: str, *extra: str) -> tuple[int, str, str]:
 
 
 def test_init_upgrade_and_init_again(cli: Cli) -> None:
-    assert cli("directory", "init") == (OK, "directory schema version 2 created\n", "")
+    assert cli("directory", "init") == (OK, "directory schema version 3 created\n", "")
     code, _, err = cli("directory", "init")
     assert code == FAILED
     assert "already has a mailgate schema (use upgrade)" in err
-    assert cli("directory", "upgrade") == (OK, "directory schema at version 2\n", "")
+    assert cli("directory", "upgrade") == (OK, "directory schema at version 3\n", "")
 
 
 def test_commands_before_init_say_what_to_do(cli: Cli) -> None:
@@ -132,8 +132,8 @@ def test_passwd_disable_enable_move_and_list(ready: Cli) -> None:
     assert (code, out.splitlines()[1]) == (OK, "  backend: mail2.example.net:143 (imap, tls none)")
     code, out, _ = ready("user", "list", "--domain", "example.com")
     assert out.splitlines() == [
-        "ADDRESS            MAILSTORE  MOVED  ACTIVE  SCHEME",
-        "alice@example.com  store2     yes    yes     {ARGON2ID}",
+        "ADDRESS            MAILSTORE  MOVED  ACTIVE  SCHEME      OAUTH-ONLY",
+        "alice@example.com  store2     yes    yes     {ARGON2ID}  no",
     ]
     code, _, err = ready("user", "list", "--domain", "example.net")
     assert (code, err) == (FAILED, "mailgate: unknown domain 'example.net'\n")
@@ -153,7 +153,7 @@ def test_master_user_mailstore(ready: Cli) -> None:
     assert "m-secret" not in out and "d-pw" not in out
     code, out, _ = ready("mailstore", "list")
     assert out.splitlines()[3].split() == [
-        "store3", "10.0.0.9", "-", "-", "-", "none", "proxy", "yes", "1", "0", "-"
+        "store3", "10.0.0.9", "-", "-", "-", "none", "proxy", "yes", "1", "0", "-", "-"
     ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -20,11 +21,12 @@ import pytest
 from sqlalchemy import MetaData, text
 
 from mailgate import admin
-from mailgate.auth import passwords
+from mailgate.auth import passwords, schema
 from mailgate.auth.directory import SqlDirectory, engine_url
 from mailgate.auth.schema import SchemaError, dispose, make_engine
 from mailgate.config import DirectoryQueries, DirectorySettings
 from mailgate.values import (
+    BackendAuth,
     BackendTLS,
     ClientInfo,
     Credentials,
@@ -96,6 +98,21 @@ async def set_stored(url: str, address: str, stored: str) -> None:
     finally:
         await dispose(e)
     await sql(url, "UPDATE users SET password = :p WHERE address = :a", p=stored, a=address)
+
+
+async def add_app(engine: Any, address: str, label: str, protocols: list[str], pw: str) -> None:
+    """An app password stored as {PLAIN}: quick to check, which these tests do a lot."""
+    await admin.add_app_password(
+        engine, address, label, protocols, password=Secret(pw), scheme="PLAIN"
+    )
+
+
+async def list_app(url: str, address: str) -> list[admin.AppPasswordInfo]:
+    e = make_engine(url, 1)
+    try:
+        return await admin.list_app_passwords(e, address)
+    finally:
+        await dispose(e)
 
 
 async def populate(url: str) -> None:
@@ -205,8 +222,8 @@ class DirectoryBehaviour:
                 # A database as version 1 left it: no smtp_login column.
                 await sql(db_url, "ALTER TABLE mailstores DROP COLUMN smtp_login",
                           "UPDATE mailgate_schema SET version = 1")  # fmt: skip
-                assert await admin.upgrade_schema(e) == (1, 2)
-                assert await admin.upgrade_schema(e) == (2, 2)  # idempotent
+                assert await admin.upgrade_schema(e) == (1, 3)
+                assert await admin.upgrade_schema(e) == (3, 3)  # idempotent
                 await admin.add_mailstore(e, "mx", "10.0.0.7", smtp_login="auth")
                 await admin.add_mailstore(e, "plain", "10.0.0.8")
                 with pytest.raises(admin.AdminError, match="smtp login"):
@@ -221,6 +238,164 @@ class DirectoryBehaviour:
                 a = route(await e2.auth("a@example.com", "pw-a", protocol="smtp"))
                 b = route(await e2.auth("b@example.org", "pw-b", protocol="smtp"))
             assert (a.smtp_mode, b.smtp_mode) == ("auth", None)
+
+        run(scenario())
+
+    def test_version_2_upgrades_to_3_oauth_columns_and_app_passwords(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            # A database as version 2 left it: no app_passwords, oauth_only or oauth_login.
+            await sql(db_url, "DROP TABLE app_passwords",
+                      "ALTER TABLE users DROP COLUMN oauth_only",
+                      "ALTER TABLE mailstores DROP COLUMN oauth_login",
+                      "UPDATE mailgate_schema SET version = 2")  # fmt: skip
+            e = make_engine(db_url, 1)
+            try:
+                assert await admin.upgrade_schema(e) == (2, 3)
+                assert await admin.upgrade_schema(e) == (3, 3)  # idempotent
+                assert not any(u.oauth_only for u in await admin.list_users(e))
+                await add_app(e, "dave@example.org", "phone", ["imap"], "dave-app")
+                await admin.set_mailstore_oauth_login(e, "store2", "token")
+                assert {m.name: m.oauth_login for m in await admin.list_mailstores(e)} == {
+                    "store1": None, "store2": "token"
+                }  # fmt: skip
+            finally:
+                await dispose(e)
+            async with env(db_url) as e2:
+                assert route(await e2.auth("dave@example.org", "dave-app")).credential_label == (
+                    "phone"
+                )
+                assert route(await e2.auth("dave@example.org", "dave-pw")).credential_label is None
+
+        run(scenario())
+
+    # --- app passwords and oauth-only users ------------------------------------------------
+
+    def test_app_passwords_log_in_for_their_protocols_until_expiry_or_revocation(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                made = await admin.add_app_password(e.engine, "Dave@example.org", "phone",
+                                                    ["smtp", "imap"], expires_at=later)  # fmt: skip
+                assert len(made.reveal()) == 24  # generated: 5 groups of 4, with dashes
+                await add_app(e.engine, "dave@example.org", "old-laptop", ["pop3"], "laptop-pw")
+                for protocol in ("imap", "smtp"):
+                    r = route(await e.auth("dave@example.org", made, protocol=protocol))
+                    # The backend knows nothing of app passwords: the master user logs in.
+                    assert (r.user, r.secret.reveal()) == ("dave@example.org*proxy", MASTER_PW)
+                    assert (r.backend_auth, r.credential_label) == (BackendAuth.MASTER, "phone")
+                assert await e.auth("dave@example.org", made, protocol="pop3") == FAILED
+                r = route(await e.auth("dave@example.org", "laptop-pw", protocol="pop3"))
+                assert r.credential_label == "old-laptop"
+                assert await e.auth("dave@example.org", "laptop-pw", protocol="imap") == FAILED
+                main = route(await e.auth("dave@example.org", "dave-pw"))  # still works
+                assert main.credential_label is None
+                # App passwords are hashes: CRAM-MD5 cannot use them.
+                assert await e.auth("dave@example.org", cram("laptop-pw"), Method.CRAM_MD5,
+                                    "pop3") == FAILED  # fmt: skip
+                expire = "UPDATE app_passwords SET expires_at = :past WHERE label = 'phone'"
+                await sql(db_url, expire, past=dt.datetime(2020, 1, 1))
+                assert await e.auth("dave@example.org", made) == FAILED
+                await admin.revoke_app_password(e.engine, "dave@example.org", "old-laptop")
+                assert await e.auth("dave@example.org", "laptop-pw", protocol="pop3") == FAILED
+            listed = await list_app(db_url, "dave@example.org")
+            assert [(a.label, a.protocols, a.expired) for a in listed] == [
+                ("phone", ("imap", "smtp"), True)
+            ]  # fmt: skip
+            assert listed[0].last_used_at is not None  # written in the background
+            assert listed[0].created_at is not None and listed[0].created_at.tzinfo is not None
+
+        run(scenario())
+        assert "no app password for pop3 matched" in caplog.text
+        assert "laptop-pw" not in caplog.text
+
+    def test_oauth_only_refuses_the_main_password_only(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                await add_app(e.engine, "dave@example.org", "tb", ["imap"], "tb-pw")
+                await admin.set_oauth_only(e.engine, "dave@example.org", True)
+                assert [u.oauth_only for u in await admin.list_users(e.engine)] == [
+                    False, False, True
+                ]  # fmt: skip
+                assert await e.auth("dave@example.org", "dave-pw") == FAILED
+                assert route(await e.auth("dave@example.org", "tb-pw")).credential_label == "tb"
+                await admin.set_oauth_only(e.engine, "dave@example.org", False)
+                route(await e.auth("dave@example.org", "dave-pw"))
+
+        run(scenario())
+        assert "main password refused: the user is oauth-only" in caplog.text
+
+    def test_app_passwords_need_a_master_user_and_are_capped(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                # alice's mailstore has no master user: her app password is right, but there
+                # is nothing to log in to the backend with.
+                await add_app(e.engine, "alice@example.com", "a", ["imap"], "alice-app")
+                refused = await e.auth("alice@example.com", "alice-app")
+                assert isinstance(refused, TempFail) and "no master user" in refused.reason
+                for n in range(1, schema.MAX_APP_PASSWORDS):
+                    await add_app(e.engine, "alice@example.com", f"a{n}", ["smtp"], f"x{n}")
+                with pytest.raises(admin.AdminError, match="the most allowed"):
+                    await admin.add_app_password(e.engine, "alice@example.com", "one-more",
+                                                 ["imap"], scheme="PLAIN")  # fmt: skip
+                with pytest.raises(admin.AdminError, match="already has an app password"):
+                    await admin.add_app_password(e.engine, "carol@example.com", "x", ["imap"])
+                    await admin.add_app_password(e.engine, "carol@example.com", "x", ["imap"])
+                for bad, why in ((["ftp"], "not 'ftp'"), ([], "protocols must be")):
+                    with pytest.raises(admin.AdminError, match=why):
+                        await admin.add_app_password(e.engine, "carol@example.com", "y", bad)
+                with pytest.raises(admin.AdminError, match="label"):
+                    await admin.add_app_password(e.engine, "carol@example.com", "a b", ["imap"])
+                past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+                with pytest.raises(admin.AdminError, match="in the past"):
+                    await admin.add_app_password(
+                        e.engine, "carol@example.com", "z", ["imap"], expires_at=past
+                    )
+                await admin.remove_user(e.engine, "alice@example.com")
+                assert await list_app(db_url, "carol@example.com") != []
+            await sql(db_url, "DELETE FROM app_passwords WHERE label = 'x'")
+            e3 = make_engine(db_url, 1)
+            try:
+                async with e3.connect() as conn:
+                    left = (await conn.execute(text("SELECT COUNT(*) FROM app_passwords"))).scalar()
+                assert left == 0  # alice's went with her
+            finally:
+                await dispose(e3)
+
+        run(scenario())
+
+    def test_hash_checks_per_login_are_bounded_by_the_users_app_passwords(
+        self, db_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        checked: list[str] = []
+        real = passwords.verify
+
+        def spy(stored: str, password: Secret, **kw: Any) -> bool:
+            checked.append(stored)
+            return real(stored, password, **kw)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                for label, protocols in (("a", ["imap"]), ("b", ["imap"]), ("c", ["smtp"])):
+                    await add_app(e.engine, "dave@example.org", label, protocols, label)
+                monkeypatch.setattr(passwords, "verify", spy)
+                assert await e.auth("dave@example.org", "wrong") == FAILED
+                assert len(checked) == 3  # the main password, then the two for IMAP
+                checked.clear()
+                assert await e.auth("carol@example.com", "wrong") == FAILED
+                assert len(checked) == 1  # no app passwords: no second query, no more hashes
 
         run(scenario())
 

@@ -380,14 +380,21 @@ def start_dovecot(
             protocols="imap pop3" + " submission" * bool(submission_port),
             listeners=_dovecot_listeners(ports),
             oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_conf else "",
-            oauth2_passdb=(
-                f"passdb {{\n  driver = oauth2\n  args = {oauth2_conf}\n}}\n" if oauth2_conf else ""
-            ),
+            oauth2_passdb=_oauth2_passdb(oauth2_conf),
         )
     )
     peer = _launch(name, ["dovecot", "-F", "-c", str(conf)], root, log)
     peer.ports, peer.config_path, peer.cleanup = ports, conf, cleanup
     return _wait_ready(peer, lambda: _greets(imap_port, b"* OK") and _ports_ready(peer)())
+
+
+def _oauth2_passdb(conf: Path | None) -> str:
+    """Dovecot's oauth2 passdb for token logins only; passwords go on to the passwd-file."""
+    if conf is None:
+        return ""
+    return (
+        f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {conf}\n}}\n"
+    )
 
 
 def _greets(port: int, prefix: bytes) -> bool:

@@ -258,19 +258,48 @@ def test_rotation_refetches_once_and_random_kids_cannot_make_us_hammer_the_idp(
 
 @pytest.mark.parametrize("mode", ["down", "garbage", "hang", "stopped"])
 def test_an_idp_that_cannot_answer_is_unavailable_never_invalid(idp: Issuer, mode: str) -> None:
-    token = idp.token()
-    opaque = idp.opaque_token()
+    ticker = Ticker()
+    tokens = [idp.token(), idp.token(alg="ES256"), idp.token(kid="made-up"), idp.token(kid="")]
+    tokens.append(idp.opaque_token())
     if mode == "stopped":
         idp.stop()
     else:
         idp.mode = mode
 
     async def scenario() -> None:
-        v = TokenValidator(settings(idp, timeout=0.3))
+        v = TokenValidator(settings(idp, timeout=0.3), monotonic=ticker)
+        assert v.keys is not None
         try:
-            for result in await check(v, token, opaque):
+            # The first JWT tries to fetch the keys; the next ones, within the refetch
+            # interval, do not ask again, and are unavailable all the same.
+            for result in await check(v, *tokens):
                 assert isinstance(result, TokenUnavailable), result
                 assert "identity provider unavailable" in result.reason
+            assert v.keys.fetches == 1
+        finally:
+            await v.close()
+
+    run(scenario())
+
+
+def test_an_unknown_kid_while_the_idp_fails_is_unavailable(idp: Issuer) -> None:
+    ticker = Ticker()
+
+    async def scenario() -> None:
+        v = TokenValidator(settings(idp), monotonic=ticker)
+        try:
+            valid(await v.validate(Secret(idp.token())))
+            idp.mode = "down"
+            ticker.now += REFETCH_INTERVAL
+            old = idp.token()
+            idp.rotate("RSA")  # a new key the IdP cannot tell us about now
+            rotated = idp.token()
+            result = await v.validate(Secret(rotated))
+            assert isinstance(result, TokenUnavailable), result
+            valid(await v.validate(Secret(old)))  # the known key still works
+            idp.mode = "ok"
+            ticker.now += REFETCH_INTERVAL
+            valid(await v.validate(Secret(rotated)))
         finally:
             await v.close()
 

@@ -186,17 +186,26 @@ class JwksStore:
         self._keys: dict[str | None, PublicKey] = {}
         self._fetched_at: float | None = None  # of the last successful fetch
         self._tried_at: float | None = None  # of the last attempt, successful or not
+        self._failure: str | None = None  # why the last attempt failed; None after a success
+        self._jwks_uri: str | None = None  # found by discovery, kept while it works
         self._fetching: asyncio.Future[None] | None = None
         self.fetches = 0  # attempts, for tests and metrics
 
     async def lookup(self, kid: str | None, kty: str) -> KeyLookup:
-        """Raises IdpUnavailable when there are no keys at all and the IdP cannot give any."""
+        """The key for a token, or why there is none. Raises IdpUnavailable when the answer
+        depends on keys the IdP could not give us: none known at all, or an unknown kid while
+        the IdP is failing (an outage is never a bad token)."""
         if self._stale():
-            await self._refresh(required=not self._keys)
+            await self._refresh()
+        if not self._keys:
+            raise IdpUnavailable(self._failure or "no signing keys yet")
         found = self._find(kid, kty)
-        if found.key is None and kid is not None and kid not in self._keys and self._may_refetch():
-            await self._refresh(required=False)  # rotation: the IdP may have a new key
-            found = self._find(kid, kty)
+        if found.key is None and kid is not None and kid not in self._keys:
+            if self._may_refetch():
+                await self._refresh()  # rotation: the IdP may have published a new key
+                found = self._find(kid, kty)
+            if found.key is None and self._failure is not None:
+                raise IdpUnavailable(f"unknown kid, and {self._failure}")
         return found
 
     def _find(self, kid: str | None, kty: str) -> KeyLookup:
@@ -220,27 +229,30 @@ class JwksStore:
     def _may_refetch(self) -> bool:
         return self._tried_at is None or self._now() - self._tried_at >= REFETCH_INTERVAL
 
-    async def _refresh(self, *, required: bool) -> None:
-        """Fetch the keys once for everyone waiting. Without `required`, a failure keeps the
-        keys we have (an IdP outage must not break logins whose keys are known)."""
+    async def _refresh(self) -> None:
+        """Fetch the keys, once for everyone waiting. A failure keeps the keys we have (an
+        outage must not break logins whose keys are known) and is remembered in _failure."""
         if self._fetching is None or self._fetching.done():
             self._fetching = asyncio.ensure_future(self._fetch())
         try:
             await asyncio.shield(self._fetching)
         except IdpUnavailable as e:
-            if required or not self._keys:
-                raise
-            log.warning("oauth: keeping %d cached keys: %s", len(self._keys), e)
+            self._failure = str(e)
+            log.warning("oauth: %s; %d keys known", e, len(self._keys))
 
     async def _fetch(self) -> None:
         self._tried_at = self._now()
         self.fetches += 1
-        url = self._settings.jwks_url or await self._discover()
-        document = await self._http.get_json(url, MAX_JWKS, "JWKS")
+        url = self._settings.jwks_url or self._jwks_uri or await self._discover()
+        try:
+            document = await self._http.get_json(url, MAX_JWKS, "JWKS")
+        except IdpUnavailable:
+            self._jwks_uri = None  # discover again next time: it may have moved
+            raise
         keys = _import_keys(document.get("keys"))
         if not keys:
             raise IdpUnavailable("JWKS: no usable signing key")
-        self._keys, self._fetched_at = keys, self._now()
+        self._keys, self._fetched_at, self._failure = keys, self._now(), None
 
     async def _discover(self) -> str:
         issuer = self._settings.issuer
@@ -254,6 +266,7 @@ class JwksStore:
         if not _https_or_loopback(jwks_uri):
             raise IdpUnavailable("OpenID configuration: no https jwks_uri")
         assert isinstance(jwks_uri, str)
+        self._jwks_uri = jwks_uri
         return jwks_uri
 
 

@@ -229,7 +229,7 @@ mail_max_userip_connections = 1000
 verbose_proctitle = no
 auth_verbose = no
 auth_debug = no
-auth_mechanisms = plain login cram-md5
+auth_mechanisms = plain login cram-md5{oauth2_mechanisms}
 # Empty: any character, so that p%ony@example.com is a valid login.
 auth_username_chars =
 auth_master_user_separator = *
@@ -261,7 +261,7 @@ passdb {{
   driver = static
   args = noauthenticate nodelay=yes
 }}
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = {root}/users
 }}
@@ -351,8 +351,13 @@ def start_dovecot(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     trusted_networks: str = "127.0.0.0/8",
+    oauth2_conf: Path | None = None,
 ) -> Peer:
-    """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>."""
+    """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>.
+
+    With `oauth2_conf` (a dovecot-oauth2.conf.ext), XOAUTH2 and OAUTHBEARER logins are
+    validated by Dovecot's oauth2 passdb; the users still come from the passwd-file userdb.
+    """
     if dovecot_version() >= (2, 4):
         raise PeerError("Dovecot 2.4 changed the config syntax; only 2.3 is supported here")
     if (imaps_port or pop3s_port) and not (tls_cert and tls_key):
@@ -374,11 +379,22 @@ def start_dovecot(
             tls=_dovecot_tls(tls_cert, tls_key),
             protocols="imap pop3" + " submission" * bool(submission_port),
             listeners=_dovecot_listeners(ports),
+            oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_conf else "",
+            oauth2_passdb=_oauth2_passdb(oauth2_conf),
         )
     )
     peer = _launch(name, ["dovecot", "-F", "-c", str(conf)], root, log)
     peer.ports, peer.config_path, peer.cleanup = ports, conf, cleanup
     return _wait_ready(peer, lambda: _greets(imap_port, b"* OK") and _ports_ready(peer)())
+
+
+def _oauth2_passdb(conf: Path | None) -> str:
+    """Dovecot's oauth2 passdb for token logins only; passwords go on to the passwd-file."""
+    if conf is None:
+        return ""
+    return (
+        f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {conf}\n}}\n"
+    )
 
 
 def _greets(port: int, prefix: bytes) -> bool:

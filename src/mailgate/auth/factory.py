@@ -14,7 +14,7 @@ def build_source(settings: Settings) -> Authenticator:
     if settings.directory is not None:
         from mailgate.auth.directory import SqlDirectory
 
-        return SqlDirectory(settings.directory)
+        return SqlDirectory(settings.directory, settings.oauth)
     if settings.auth_http is not None:
         from mailgate.auth.http import AuthHttpClient
 

@@ -40,12 +40,21 @@ from mailgate.protocols.events import (
     Unavailable,
 )
 from mailgate.protocols.policy import PreAuthPolicy
+from mailgate.protocols.sasl import error_challenge
 from mailgate.protocols.smtp import SmtpCore
 from mailgate.protocols.spec import ProtocolSpec
 from mailgate.ratelog import RateLimitedLog
 from mailgate.relay import Relay
 from mailgate.tls import tls_info
-from mailgate.values import ClientInfo, CloseReason, Credentials, Reject, Route, TempFail
+from mailgate.values import (
+    ClientInfo,
+    CloseReason,
+    Credentials,
+    Reject,
+    Route,
+    TempFail,
+    TokenChallenge,
+)
 
 log = logging.getLogger("mailgate.session")
 _refusals = RateLimitedLog(log)
@@ -120,6 +129,7 @@ class Session:
         "client",
         "core",
         "ctx",
+        "label",
         "reason",
         "started",
         "user",
@@ -133,6 +143,7 @@ class Session:
         self.backend = "-"
         self.reason = CloseReason.EOF
         self.attempts = 0
+        self.label: str | None = None  # the app password that logged in (its label)
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         self.core: PreAuthCore = ctx.spec.core(ctx.policy, salt)
         self.client = _client_info(chan, ctx.listener.protocol)
@@ -266,7 +277,8 @@ class Session:
         if isinstance(decision, Reject):
             metrics.count(metrics.LOGINS, protocol, "rejected")
             await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
-            return Rejected(decision.message, decision.error_code), None
+            challenge = _token_challenge(creds, decision)
+            return Rejected(decision.message, decision.error_code, challenge), None
         metrics.count(metrics.LOGINS, protocol, "tempfail")
         log.warning(
             "auth temporary failure for %s from %s: %s",
@@ -282,6 +294,8 @@ class Session:
     ) -> tuple[LoginOutcome, BackendConnection | None]:
         ctx = self.ctx
         self.backend = f"{route.host}:{route.port}"
+        self.label = route.credential_label
+        self.user = self.user or route.identity or ""  # OAUTHBEARER may name nobody itself
         core = make_login_core(ctx.listener.protocol, route, ctx.backend, self.client, creds)
         try:
             conn = await login(route, ctx.backend, core)
@@ -325,7 +339,16 @@ class _RelayRecord:
     """What the end-of-session log line needs. The Session, its core, its buffers and the
     credentials are dropped when the relay starts; only this small record stays."""
 
-    __slots__ = ("attempts", "backend", "client", "protocol", "sessions", "started", "user")
+    __slots__ = (
+        "attempts",
+        "backend",
+        "client",
+        "label",
+        "protocol",
+        "sessions",
+        "started",
+        "user",
+    )
 
     def __init__(self, session: Session) -> None:
         self.protocol = session.ctx.listener.protocol
@@ -335,6 +358,7 @@ class _RelayRecord:
         self.backend = session.backend
         self.started = session.started
         self.attempts = session.attempts
+        self.label = session.label
 
     def done(self, relay: Relay) -> None:
         self.sessions.relays.discard(relay)
@@ -351,18 +375,32 @@ def _log_session(rec: _RelayRecord, reason: CloseReason, relay: Relay | None = N
         return
     c = rec.client
     traffic = f" in={relay.bytes_in} out={relay.bytes_out}" if relay else ""
+    label = f" app_password={_safe(rec.label)}" if rec.label else ""
     log.info(
-        "%s client=%s:%d user=%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
+        "%s client=%s:%d user=%s%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
         rec.protocol,
         c.ip,
         c.port,
         _safe(rec.user) or "-",
+        label,
         rec.backend,
         c.tls.protocol if c.tls else "no",
         rec.attempts,
         traffic,
         time.monotonic() - rec.started,
         reason.value,
+    )
+
+
+def _token_challenge(creds: Credentials, reject: Reject) -> bytes | None:
+    """An OAuth login's refusal starts with the error challenge (RFC 7628 3.2.2), with what
+    the authenticator says of it ([oauth] scope and issuer), a bare one when it says nothing
+    (a throttle's lockout)."""
+    if not creds.method.is_oauth:
+        return None
+    said = reject.token_challenge or TokenChallenge()
+    return error_challenge(
+        creds.method, scope=said.scope, openid_configuration=said.openid_configuration
     )
 
 

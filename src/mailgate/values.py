@@ -164,6 +164,16 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenChallenge:
+    """What the error challenge to a refused OAuth token names (RFC 7628 3.2.2): the scope a
+    token needs and the issuer's OpenID configuration URL, both optional. The protocol core
+    sends it (protocols/sasl.py `error_challenge` writes the JSON)."""
+
+    scope: str | None = None
+    openid_configuration: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
     """Wrong credentials (or a policy refusal). The client may try again after `wait` seconds."""
 
@@ -173,6 +183,9 @@ class Reject:
     # As Route.identity: the stored user a wrong password (or a disabled user) was checked
     # against; None for an unknown user or a refused name. Never shown to the client.
     identity: str | None = field(default=None, compare=False)
+    # For an XOAUTH2 / OAUTHBEARER login: what its error challenge says ([oauth] scope and
+    # issuer); None: a bare one. Metadata as `identity`: a refusal is a refusal.
+    token_challenge: TokenChallenge | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

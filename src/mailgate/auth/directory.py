@@ -48,6 +48,7 @@ from mailgate.values import (
     Route,
     Secret,
     TempFail,
+    TokenChallenge,
 )
 
 __all__ = [
@@ -162,6 +163,10 @@ class SqlDirectory:
         self._app_passwords = schema.builtin_app_passwords_query()
         # [oauth]: None when tokens cannot be validated (XOAUTH2/OAUTHBEARER are refused).
         self.tokens = TokenValidator(oauth) if oauth is not None and oauth.validates else None
+        # What the error challenge to a refused token says (protocols/sasl.py writes it).
+        self._token_challenge = (
+            TokenChallenge(oauth.scope, oauth.openid_configuration) if oauth is not None else None
+        )
         self._engine: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Future[Any]] = set()
@@ -396,32 +401,33 @@ class SqlDirectory:
         """XOAUTH2 / OAUTHBEARER: the token's username claim names a directory user, who must
         exist and be active, and be the user the client named (if it named one)."""
         named = creds.user or "-"
+        refused = Reject(token_challenge=self._token_challenge)
         if self.tokens is None:
             return Verdict(
-                Reject(), "token login, but [oauth] is not set up", named, logging.WARNING
+                refused, "token login, but [oauth] is not set up", named, logging.WARNING
             )
         check = await self.tokens.validate(creds.secret)
         if isinstance(check, TokenUnavailable):
             return Verdict(TempFail(check.reason), check.reason, named, logging.WARNING)
         if isinstance(check, TokenInvalid):
-            return Verdict(Reject(), f"token refused: {check.reason}", named)
+            return Verdict(refused, f"token refused: {check.reason}", named)
         lower = self._custom is None
         try:
             user, _ = normalise_user(check.user, lower_local=lower)
             given = normalise_user(creds.user, lower_local=lower)[0] if creds.user else user
         except BadUserName as e:
-            return Verdict(Reject(), f"token refused: its user name is refused: {e}", named)
+            return Verdict(refused, f"token refused: its user name is refused: {e}", named)
         if given != user:
-            return Verdict(Reject(), f"token is for {user}, the client logged in as {given}", given)
+            return Verdict(refused, f"token is for {user}, the client logged in as {given}", given)
         try:
             record = await self.lookup(user, client.protocol)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, user, logging.WARNING)
         if record is None:
-            return Verdict(Reject(), f"token ok ({check.via}) but no such user", user)
+            return Verdict(refused, f"token ok ({check.via}) but no such user", user)
         if record.refused:
-            return Verdict(Reject(identity=record.user), record.refused, user)
+            return Verdict(dataclasses.replace(refused, identity=record.user), record.refused, user)
         return dataclasses.replace(self._oauth_route(record, creds), user=user)
 
     def _oauth_route(self, record: UserRecord, creds: Credentials) -> Verdict:

@@ -18,7 +18,7 @@ def build_source(settings: Settings) -> Authenticator:
     if settings.auth_http is not None:
         from mailgate.auth.http import AuthHttpClient
 
-        return AuthHttpClient(settings.auth_http)
+        return AuthHttpClient(settings.auth_http, settings.oauth)
     raise ValueError("no [auth_http] or [directory] configured")
 
 

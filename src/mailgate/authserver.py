@@ -272,7 +272,7 @@ async def _route_headers(route: Route) -> dict[str, str] | TempFail:
         "Auth-Port": str(route.port),
         "Auth-User": user,
     }
-    if password:
+    if not route.backend_auth.is_token:
         headers["Auth-Pass"] = password
     size = sum(len(k) + len(v.encode("utf-8")) + 4 for k, v in headers.items())
     if size > NGINX_ANSWER_MAX - FRAMEWORK_OVERHEAD:

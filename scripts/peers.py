@@ -316,8 +316,9 @@ def _dovecot_tls(cert: Path | None, key: Path | None) -> str:
     return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n{dh}"
 
 
-def _dovecot_listeners(ports: dict[str, int]) -> str:
-    """Listener blocks; port 0 disables one. Login processes stay up (service_count = 0)."""
+def _dovecot_listeners(ports: dict[str, int], relay_port: int | None = None) -> str:
+    """Listener blocks; port 0 disables one. Login processes stay up (service_count = 0).
+    Submission relays to 127.0.0.1:`relay_port` (an MTA such as scripts/postfix.py's)."""
     blocks = []
     for login, names in (("imap", ("imap", "imaps")), ("pop3", ("pop3", "pop3s"))):
         listeners = "".join(
@@ -328,9 +329,10 @@ def _dovecot_listeners(ports: dict[str, int]) -> str:
             f"service {login} {{\n  process_limit = 1000\n}}\n"
         )
     if "submission" in ports:
-        # TODO: a relay MTA for submission; login works, sending fails (no server on this port).
+        # Without a relay MTA, login works and sending fails (no server on a free port).
         blocks.append(
-            f"submission_relay_host = 127.0.0.1\nsubmission_relay_port = {free_port()}\n"
+            f"submission_relay_host = 127.0.0.1\n"
+            f"submission_relay_port = {relay_port or free_port()}\n"
             "service submission-login {\n  inet_listener submission {\n"
             f"    port = {ports['submission']}\n  }}\n}}\n"
         )
@@ -352,6 +354,7 @@ def start_dovecot(
     tls_key: Path | None = None,
     trusted_networks: str = "127.0.0.0/8",
     oauth2_conf: Path | None = None,
+    submission_relay_port: int | None = None,
 ) -> Peer:
     """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>.
 
@@ -378,7 +381,7 @@ def start_dovecot(
             trusted=trusted_networks,
             tls=_dovecot_tls(tls_cert, tls_key),
             protocols="imap pop3" + " submission" * bool(submission_port),
-            listeners=_dovecot_listeners(ports),
+            listeners=_dovecot_listeners(ports, submission_relay_port),
             oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_conf else "",
             oauth2_passdb=_oauth2_passdb(oauth2_conf),
         )

@@ -114,6 +114,12 @@ def test_the_answer_keeps_the_sasl_user_when_it_names_none() -> None:
     assert isinstance(nobody, TempFail) and "without Auth-User" in nobody.reason
 
 
+def test_only_a_token_login_needs_a_user_a_relay_does_not() -> None:
+    relay = Credentials(Method.NONE, "", Secret(""), smtp_to="RCPT TO:<a@example.com>")
+    decision = parse_response(200, OK, relay)
+    assert isinstance(decision, Route) and decision.backend_auth is BackendAuth.PASSWORD
+
+
 def test_a_refused_token_carries_the_oauth_challenge_facts() -> None:
     refusal = {"Auth-Status": "Invalid token", "Auth-Wait": "1"}
     recorder = Recorder(refusal)

@@ -218,7 +218,7 @@ def _route(h: Mapping[str, str], creds: Credentials) -> Decision:
         secret = creds.secret
         if creds.method.is_oauth:  # the token goes on, for the backend to validate
             backend_auth = BackendAuth(creds.method.value)
-    if not user:  # OAUTHBEARER without an authzid, and the answer names nobody
+    if not user and creds.method.is_oauth:  # OAUTHBEARER without an authzid, nobody named
         return TempFail("auth_http answered OK for a token login without Auth-User")
     return Route(host=host, port=port, user=user, secret=secret, backend_auth=backend_auth)
 

@@ -112,11 +112,18 @@ class Issuer:
             assert self._runner is not None
             self._released.set()
             await self._runner.cleanup()
+            # Handlers of connections a client left open: end them here, not as "Task was
+            # destroyed but it is pending" when the interpreter exits.
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._thread = None
+        self._loop.close()
 
     def _serve(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)

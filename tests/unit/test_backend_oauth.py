@@ -163,6 +163,16 @@ def test_imap_a_backend_without_the_mechanism_is_a_temporary_failure(mode: str) 
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_imap_a_backend_that_lists_no_mechanisms_is_tried(mode: str) -> None:
+    script = [
+        ("S", b"* OK [CAPABILITY IMAP4rev1 SASL-IR] ready\r\n"),
+        ("C", b"mg3 AUTHENTICATE XOAUTH2 " + XOAUTH2 + b"\r\n"),
+        ("S", IMAP_OK),
+    ]
+    ready(imap("xoauth2"), script, mode, IMAP_EXTRA, IMAP_OK[4:-2])
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_imap_a_bad_that_echoes_the_token_is_masked(mode: str) -> None:
     script = [
         ("S", IMAP_GREET_IR),

@@ -248,8 +248,11 @@ class ImapLogin(LoginCore):
     def _begin_login(self) -> list[BackendEvent]:
         if self._mechanism == "login" and b"LOGINDISABLED" in self._caps:
             raise LoginFailure(True, "backend advertises LOGINDISABLED")
+        # A backend that lists its mechanisms without ours would refuse the token as if it
+        # were bad: a configuration problem, so temporary. One that lists none may yet take it.
         wanted = b"AUTH=" + self._mechanism.upper().encode()
-        if self._token_mechanism and self._caps and wanted not in self._caps:
+        listed = any(cap.startswith(b"AUTH=") for cap in self._caps)
+        if self._token_mechanism and listed and wanted not in self._caps:
             raise LoginFailure(True, f"backend does not advertise {wanted.decode()}")
         chunks = self._login_chunks()
         self._state = ImapState.LOGIN

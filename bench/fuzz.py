@@ -20,6 +20,7 @@ kept in the artifacts directory (printed).
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import random
 import re
@@ -81,13 +82,18 @@ def load_targets() -> dict[str, Callable[[int, bytes, int], None]]:
         "smtp": ("plain", "login", "cram-md5", "none"),
     }
     success = {"imap": b"OK Logged in", "pop3": b"+OK Logged in.", "smtp": b"235 2.7.0 Ok"}
+    # Bit 2 turns the OAuth mechanisms on, with a short or the default max_token: the
+    # long-token paths (line limit, SASL lines, the RFC 7628 failure flow).
+    oauth = ("xoauth2", "oauthbearer")
 
     def policy(protocol: str, o: int) -> PreAuthPolicy:
         mechs = mechanisms[protocol]
         return PreAuthPolicy(
-            mechanisms=mechs[: 1 + o % len(mechs)], capabilities=("IDLE", "SIZE 1000"),
+            mechanisms=mechs[: 1 + o % len(mechs)] + (oauth if o & 4 else ()),
+            capabilities=("IDLE", "SIZE 1000"),
             starttls=bool(o & 8), tls_active=bool(o & 16), starttls_only=bool(o & 32),
             greeting="fuzz", max_errors=1 + (o >> 6), max_line=(64, 8192)[o & 1],
+            max_token=(1024, 16384)[o >> 7],
         )  # fmt: skip
 
     def client_core(make: Callable[[PreAuthPolicy], Any], protocol: str) -> Callable[..., None]:
@@ -95,11 +101,12 @@ def load_targets() -> dict[str, Callable[[int, bytes, int], None]]:
             ev.LoggedIn(success[protocol]),
             ev.Rejected("Authentication failed."),
             ev.Unavailable(),
+            ev.Rejected("Authentication failed.", challenge=b'{"status":"invalid_token"}'),
         ]
 
         def run(o: int, payload: bytes, chunk: int) -> None:
             core = make(policy(protocol, o))
-            answers = iter(outcomes[(o >> 1) % 3 :] + outcomes * 4)
+            answers = iter(outcomes[(o >> 1) % 4 :] + outcomes * 4)
             drive_client(core, payload, chunk, lambda: next(answers, ev.Unavailable()), ev)
 
         return run
@@ -126,22 +133,27 @@ def load_targets() -> dict[str, Callable[[int, bytes, int], None]]:
             check(isinstance(e.log_text, str) and bool(e.log_text), "empty log text")
 
     secret = Secret("Pw-7x!secret")
+    token = Secret("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1In0." + "t" * 6000)
     return {
         "proxy": proxy,
         "imap": client_core(lambda p: ImapCore(p, SALT), "imap"),
         "pop3": client_core(lambda p: Pop3Core(p, SALT), "pop3"),
         "smtp": client_core(lambda p: SmtpCore(p, SALT), "smtp"),
+        # Options 64 and up: a token route (XOAUTH2 / OAUTHBEARER passed on), its refusal flow.
         "backend-imap": backend(lambda o: ImapLogin(
-            "user", secret, starttls=bool(o & 1), mechanism=("login", "plain")[o >> 1 & 1],
+            "user", token if o & 64 else secret, starttls=bool(o & 1),
+            mechanism=(("login", "plain"), ("xoauth2", "oauthbearer"))[o >> 6 & 1][o >> 1 & 1],
             forward=client if o & 4 else None)),
         "backend-pop3": backend(lambda o: Pop3Login(
-            "user", secret, starttls=bool(o & 1), mechanism=("user", "plain")[o >> 1 & 1],
+            "user", token if o & 64 else secret, starttls=bool(o & 1),
+            mechanism=(("user", "plain"), ("xoauth2", "oauthbearer"))[o >> 6 & 1][o >> 1 & 1],
             forward=client if o & 4 else None)),
         "backend-smtp": backend(lambda o: SmtpLogin(
-            helo_name="mx.fuzz", user="user", secret=secret,
-            mode=("xclient", "auth", "none")[o % 3], starttls=bool(o & 4),
+            helo_name="mx.fuzz", user="user", secret=token if o & 64 else secret,
+            mode="auth" if o & 64 else ("xclient", "auth", "none")[o % 3], starttls=bool(o & 4),
             forward=client if o & 8 else None, client_helo="c.fuzz" if o & 16 else None,
-            envelope=(b"MAIL FROM:<a@fuzz>", b"RCPT TO:<b@fuzz>") if o & 32 else ())),
+            envelope=(b"MAIL FROM:<a@fuzz>", b"RCPT TO:<b@fuzz>") if o & 32 else (),
+            token_mechanism=("xoauth2", "oauthbearer")[o >> 7] if o & 64 else None)),
     }  # fmt: skip
 
 
@@ -189,6 +201,9 @@ def drive_backend(core: Any, payload: bytes, chunk: int, ev: Any) -> None:
 
 # --- seeds and dictionary ---------------------------------------------------------------------
 
+# Client messages with a 3 KB token, base64 as on the wire (the fuzzers lengthen them further).
+XOAUTH2_MESSAGE = base64.b64encode(b"user=u\x01auth=Bearer " + b"t" * 3000 + b"\x01\x01")
+OAUTHBEARER_MESSAGE = base64.b64encode(b"n,a=u,\x01auth=Bearer " + b"t" * 3000 + b"\x01\x01")
 TOKENS = [
     b"PROXY ", b"TCP4 ", b"TCP6 ", b"UNKNOWN", b"127.0.0.1 ", b"::1 ", b"65535", b"\r\n",
     b"\r\n\r\n\x00\r\nQUIT\n", b"\x21\x11\x00\x0c", b"\x20\x00\x00\x00", b"\x20\x00\x00\x07",
@@ -197,6 +212,8 @@ TOKENS = [
     b"EHLO ", b"HELO ", b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"QUIT", b"=", b"*",
     b"AGFsaWNlAHNlY3JldA==", b"* OK ", b"mg1 OK", b"mg3 NO [UNAVAILABLE]", b"+OK", b"-ERR",
     b"220 ", b"250-", b"250 ", b"334 ", b"235 ", b"535 ", b"+ ", b"* CAPABILITY ",
+    b"XOAUTH2", b"OAUTHBEARER", b"AQ==", b"AUTH=XOAUTH2", b"SASL-IR", XOAUTH2_MESSAGE,
+    OAUTHBEARER_MESSAGE, b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n", b"A" * 4096,
 ]  # fmt: skip
 SEEDS = {
     "proxy": [
@@ -210,21 +227,30 @@ SEEDS = {
     ],
     "imap": [
         b"a1 CAPABILITY\r\na2 LOGIN user pass\r\n",
+        b"a1 AUTHENTICATE XOAUTH2 " + XOAUTH2_MESSAGE + b"\r\n\r\n",
+        b"a1 AUTHENTICATE OAUTHBEARER\r\n" + OAUTHBEARER_MESSAGE + b"\r\nAQ==\r\n",
         b"a1 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
         b"a1 STARTTLS\r\na2 LOGIN {4}\r\nuser {4+}\r\npass\r\n",
         b'a ID ("name" "x")\r\na1 AUTHENTICATE CRAM-MD5\r\ndXNlciAwMTIz\r\n',
     ],
     "pop3": [b"CAPA\r\nUSER u\r\nPASS p\r\n", b"STLS\r\nAUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n",
+             b"AUTH XOAUTH2 " + XOAUTH2_MESSAGE + b"\r\n*\r\n",
              b"APOP u 0123456789abcdef0123456789abcdef\r\nQUIT\r\n"],
     "smtp": [b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", b"EHLO c\r\nSTARTTLS\r\n",
+             b"EHLO c\r\nAUTH OAUTHBEARER " + OAUTHBEARER_MESSAGE + b"\r\nAQ==\r\n",
              b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"],
     "backend-imap": [
         b"* OK ready\r\nmg1 OK go\r\nmg2 OK id\r\nmg3 OK [CAPABILITY IMAP4rev1] in\r\n",
         b"* OK [CAPABILITY IMAP4rev1 STARTTLS] x\r\n+ go\r\nmg3 NO [UNAVAILABLE] x\r\n",
+        b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=OAUTHBEARER] x\r\n"
+        b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\nmg3 NO [AUTHENTICATIONFAILED] x\r\n",
     ],
-    "backend-pop3": [b"+OK ready\r\n+OK\r\n+OK\r\n+OK in\r\n", b"+OK\r\n+ \r\n-ERR [AUTH] no\r\n"],
+    "backend-pop3": [b"+OK ready\r\n+OK\r\n+OK\r\n+OK in\r\n", b"+OK\r\n+ \r\n-ERR [AUTH] no\r\n",
+                     b"+OK\r\n+ \r\n+ eyJzdGF0dXMiOiI0MDEifQ==\r\n-ERR [AUTH] no\r\n"],
     "backend-smtp": [b"220 mx\r\n250-mx\r\n250-XCLIENT ADDR NAME HELO\r\n250 AUTH PLAIN\r\n"
-                     b"220 go\r\n250 ok\r\n235 2.7.0 ok\r\n250 ok\r\n250 ok\r\n"],
+                     b"220 go\r\n250 ok\r\n235 2.7.0 ok\r\n250 ok\r\n250 ok\r\n",
+                     b"220 mx\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n334 \r\n"
+                     b"334 eyJzdGF0dXMiOiI0MDEifQ==\r\n535 5.7.8 no\r\n"],
 }  # fmt: skip
 
 

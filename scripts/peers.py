@@ -229,7 +229,7 @@ mail_max_userip_connections = 1000
 verbose_proctitle = no
 auth_verbose = no
 auth_debug = no
-auth_mechanisms = plain login cram-md5
+auth_mechanisms = plain login cram-md5{oauth2_mechanisms}
 # Empty: any character, so that p%ony@example.com is a valid login.
 auth_username_chars =
 auth_master_user_separator = *
@@ -261,7 +261,7 @@ passdb {{
   driver = static
   args = noauthenticate nodelay=yes
 }}
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = {root}/users
 }}
@@ -318,8 +318,9 @@ def _dovecot_tls(cert: Path | None, key: Path | None) -> str:
     return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n{dh}"
 
 
-def _dovecot_listeners(ports: dict[str, int]) -> str:
-    """Listener blocks; port 0 disables one. Login processes stay up (service_count = 0)."""
+def _dovecot_listeners(ports: dict[str, int], relay_port: int | None = None) -> str:
+    """Listener blocks; port 0 disables one. Login processes stay up (service_count = 0).
+    Submission relays to 127.0.0.1:`relay_port` (an MTA such as scripts/postfix.py's)."""
     blocks = []
     for login, names in (("imap", ("imap", "imaps")), ("pop3", ("pop3", "pop3s"))):
         listeners = "".join(
@@ -330,9 +331,10 @@ def _dovecot_listeners(ports: dict[str, int]) -> str:
             f"service {login} {{\n  process_limit = 1000\n}}\n"
         )
     if "submission" in ports:
-        # TODO: a relay MTA for submission; login works, sending fails (no server on this port).
+        # Without a relay MTA, login works and sending fails (no server on a free port).
         blocks.append(
-            f"submission_relay_host = 127.0.0.1\nsubmission_relay_port = {free_port()}\n"
+            f"submission_relay_host = 127.0.0.1\n"
+            f"submission_relay_port = {relay_port or free_port()}\n"
             "service submission-login {\n  inet_listener submission {\n"
             f"    port = {ports['submission']}\n  }}\n}}\n"
         )
@@ -354,9 +356,15 @@ def start_dovecot(
     tls_key: Path | None = None,
     trusted_networks: str = "127.0.0.0/8",
     mail_dir: Path | None = None,
+    oauth2_conf: Path | None = None,
+    submission_relay_port: int | None = None,
 ) -> Peer:
     """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>
-    (or in `mail_dir`: two Dovecots given the same one share their mail storage)."""
+    (or in `mail_dir`: two Dovecots given the same one share their mail storage).
+
+    With `oauth2_conf` (a dovecot-oauth2.conf.ext), XOAUTH2 and OAUTHBEARER logins are
+    validated by Dovecot's oauth2 passdb; the users still come from the passwd-file userdb.
+    """
     if dovecot_version() >= (2, 4):
         raise PeerError("Dovecot 2.4 changed the config syntax; only 2.3 is supported here")
     if (imaps_port or pop3s_port) and not (tls_cert and tls_key):
@@ -377,12 +385,23 @@ def start_dovecot(
             trusted=trusted_networks,
             tls=_dovecot_tls(tls_cert, tls_key),
             protocols="imap pop3" + " submission" * bool(submission_port),
-            listeners=_dovecot_listeners(ports),
+            listeners=_dovecot_listeners(ports, submission_relay_port),
+            oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_conf else "",
+            oauth2_passdb=_oauth2_passdb(oauth2_conf),
         )
     )
     peer = _launch(name, ["dovecot", "-F", "-c", str(conf)], root, log)
     peer.ports, peer.config_path, peer.cleanup = ports, conf, cleanup
     return _wait_ready(peer, lambda: _greets(imap_port, b"* OK") and _ports_ready(peer)())
+
+
+def _oauth2_passdb(conf: Path | None) -> str:
+    """Dovecot's oauth2 passdb for token logins only; passwords go on to the passwd-file."""
+    if conf is None:
+        return ""
+    return (
+        f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {conf}\n}}\n"
+    )
 
 
 def _greets(port: int, prefix: bytes) -> bool:

@@ -122,9 +122,11 @@ def start_mailstore(
     auth_port: int,
     users: dict[str, str],
     name: str = "mailstore",
+    pop3_port: int | None = None,
 ) -> peers.Peer:
-    """A Dovecot like peers.start_dovecot (IMAP, same users and maildirs) that also takes mail
-    over LMTP on `lmtp_port` and answers Postfix's SASL queries on `auth_port`.
+    """A Dovecot like peers.start_dovecot (IMAP, POP3 with `pop3_port`, same users and
+    maildirs, the master user) that also takes mail over LMTP on `lmtp_port` and answers
+    Postfix's SASL queries on `auth_port`.
 
     LMTP does not chroot (it serves many users at once), so the `mail` user must reach the
     maildirs by their full path: like Postfix, this Dovecot lives in a fresh temp dir
@@ -139,6 +141,8 @@ def start_mailstore(
     for secret in ("users", "masters"):
         (root / secret).chmod(0o600)
     ports = {"imap": imap_port, "lmtp": lmtp_port, "auth": auth_port}
+    served = {"imap": imap_port, **({"pop3": pop3_port} if pop3_port else {})}
+    ports |= served
     conf, log = root / "dovecot.conf", root / "dovecot.log"
     conf.write_text(
         peers.DOVECOT_CONF.format(
@@ -149,9 +153,11 @@ def start_mailstore(
             mail_user=peers.MAIL_USER,
             trusted="127.0.0.0/8",
             tls="ssl = no",
-            protocols="imap lmtp",
-            listeners=peers._dovecot_listeners({"imap": imap_port})
+            protocols="imap lmtp" + " pop3" * bool(pop3_port),
+            listeners=peers._dovecot_listeners(served)
             + DOVECOT_EXTRA.format(lmtp_port=lmtp_port, auth_port=auth_port),
+            oauth2_mechanisms="",
+            oauth2_passdb="",
         )
     )
     peer = peers._launch(name, ["dovecot", "-F", "-c", str(conf)], root, log)

@@ -101,7 +101,9 @@ def running_auth(fake: FakeAuth) -> Iterator[FakeAuth]:
     with _thread_loop() as loop:
         app = web.Application()
         app.router.add_get("/auth", handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        # Token logins put up to [oauth] max_token (and more) in Auth-Pass: fields as
+        # long as mailgate's own auth-server takes.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1, max_field_size=1 << 17)
         asyncio.run_coroutine_threadsafe(runner.setup(), loop).result(5)
         site = web.TCPSite(runner, "127.0.0.1", 0)
         asyncio.run_coroutine_threadsafe(site.start(), loop).result(5)

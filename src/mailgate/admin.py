@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,10 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from mailgate import names
 from mailgate.auth import passwords, schema
 from mailgate.auth.directory import scheme_of
-from mailgate.auth.schema import domains, mailstores, users
+from mailgate.auth.schema import app_passwords, domains, mailstores, users
 from mailgate.values import Secret
 
 DEFAULT_SCHEME = "ARGON2ID"
+# App password labels show in the session log as app_password=<label>: one word.
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+# Generated app passwords: 5 groups of 4 from 32 symbols that cannot be misread (no 0/o, 1/l),
+# 100 bits in all, typed on a phone as easily as read from a screen.
+_APP_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+_APP_GROUPS, _APP_GROUP = 5, 4
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Letters (any script), digits, dots and dashes; no leading/trailing dot or dash, no "..".
 # No "_" or "%" either: list_domains counts users with LIKE.
@@ -48,6 +55,7 @@ class MailstoreInfo:
     users: int  # users moved here (not counting the domains' users)
     smtp_login: str | None = None  # None: [backend] smtp_mode
     pool: str | None = None  # a [[pool]] that chooses the host (schema version 5)
+    oauth_login: str | None = None  # None: master if there is a master user, else token
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,22 @@ class UserInfo:
     scheme: str  # of the stored password, e.g. {ARGON2ID}
     created_at: dt.datetime | None
     updated_at: dt.datetime | None
+    oauth_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppPasswordInfo:
+    """One app password as `user app-password list` shows it: never the hash."""
+
+    label: str
+    protocols: tuple[str, ...]
+    expires_at: dt.datetime | None  # UTC
+    created_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= dt.datetime.now(dt.UTC)
 
 
 # --- schema ----------------------------------------------------------------------------------
@@ -123,6 +147,7 @@ async def add_mailstore(
     master_password: Secret | None = None,
     smtp_login: str | None = None,
     pool: str | None = None,
+    oauth_login: str | None = None,
 ) -> None:
     _check_name(name)
     _check_host(host)
@@ -130,6 +155,7 @@ async def add_mailstore(
         _check_pool(pool)
     if smtp_login is not None and smtp_login not in schema.SMTP_LOGINS:
         raise AdminError(f"smtp login must be one of {', '.join(schema.SMTP_LOGINS)}")
+    _check_oauth_login(oauth_login, master_user)
     for port in (imap_port, pop3_port, smtp_port):
         if port is not None and not 0 < port < 65536:
             raise AdminError(f"port {port} is not from 1 to 65535")
@@ -158,6 +184,7 @@ async def add_mailstore(
                 active=True,
                 smtp_login=smtp_login,
                 pool=pool,
+                oauth_login=oauth_login,
             )
         )
 
@@ -184,6 +211,7 @@ async def list_mailstores(engine: AsyncEngine) -> list[MailstoreInfo]:
             int(r["n_users"]),
             r["smtp_login"],
             r["pool"],
+            r["oauth_login"],
         )
         for r in rows
     ]
@@ -209,6 +237,19 @@ async def remove_mailstore(engine: AsyncEngine, name: str) -> None:
                 f"{_plural(n_users, 'moved user')}; move them first"
             )
         await conn.execute(mailstores.delete().where(mailstores.c.id == ms_id))
+
+
+async def set_mailstore_oauth_login(engine: AsyncEngine, name: str, mode: str | None) -> None:
+    """How OAuth logins reach this mailstore: "master", "token", or None (the default)."""
+    async with _transaction(engine) as conn:
+        ms_id = await _require(conn, mailstores, name, "mailstore")
+        master = (
+            await conn.execute(select(mailstores.c.master_user).where(mailstores.c.id == ms_id))
+        ).scalar()
+        _check_oauth_login(mode, master)
+        await conn.execute(
+            mailstores.update().where(mailstores.c.id == ms_id).values(oauth_login=mode)
+        )
 
 
 async def set_mailstore_active(engine: AsyncEngine, name: str, active: bool) -> None:
@@ -334,6 +375,8 @@ async def remove_user(engine: AsyncEngine, address: str) -> None:
     address, _ = _address(address)
     async with _transaction(engine) as conn:
         user_id = await _require_user(conn, address)
+        # Explicitly: SQLite enforces no foreign keys unless asked to, so no cascade either.
+        await conn.execute(app_passwords.delete().where(app_passwords.c.user_id == user_id))
         await conn.execute(users.delete().where(users.c.id == user_id))
 
 
@@ -348,6 +391,7 @@ async def list_users(engine: AsyncEngine, domain: str | None = None) -> list[Use
             users.c.password,
             users.c.created_at,
             users.c.updated_at,
+            users.c.oauth_only,
         )
         .outerjoin(domains, users.c.address.like(literal("%@") + domains.c.name))
         .outerjoin(
@@ -363,9 +407,118 @@ async def list_users(engine: AsyncEngine, domain: str | None = None) -> list[Use
             raise AdminError(f"unknown domain {_domain(domain)!r}")
         rows = (await conn.execute(query)).all()
     return [
-        UserInfo(a, ms, bool(moved), bool(active), scheme_of(pw), created, updated)
-        for a, ms, moved, active, pw, created, updated in rows
+        UserInfo(a, ms, bool(moved), bool(active), scheme_of(pw), created, updated, bool(oauth))
+        for a, ms, moved, active, pw, created, updated, oauth in rows
     ]
+
+
+async def set_oauth_only(engine: AsyncEngine, address: str, on: bool) -> None:
+    """With `on`, the user's main password no longer logs in: OAuth and app passwords do."""
+    address, _ = _address(address)
+    async with _transaction(engine) as conn:
+        user_id = await _require_user(conn, address)
+        await conn.execute(users.update().where(users.c.id == user_id).values(oauth_only=on))
+
+
+# --- app passwords ----------------------------------------------------------------------------
+
+
+def generate_app_password() -> Secret:
+    """A random app password such as "k7dq-2mxe-pa9r-tf3w-hn6c" (100 bits)."""
+    groups = (
+        "".join(secrets.choice(_APP_ALPHABET) for _ in range(_APP_GROUP))
+        for _ in range(_APP_GROUPS)
+    )
+    return Secret("-".join(groups))
+
+
+async def add_app_password(
+    engine: AsyncEngine,
+    address: str,
+    label: str,
+    protocols: Sequence[str],
+    *,
+    password: Secret | None = None,
+    expires_at: dt.datetime | None = None,
+    scheme: str = DEFAULT_SCHEME,
+) -> Secret:
+    """Give the user another password for some protocols, until `expires_at` (UTC) if set.
+
+    Without `password` a random one is made. Returns the password: the caller shows it once,
+    only its hash is stored. At most schema.MAX_APP_PASSWORDS per user, labels unique.
+    """
+    address, _ = _address(address)
+    _check_label(label)
+    wanted = _protocols(protocols)
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise AdminError("the expiry needs a time zone (UTC is assumed by the CLI)")
+        if expires_at <= dt.datetime.now(dt.UTC):
+            raise AdminError(f"the expiry {expires_at:%Y-%m-%d %H:%M} UTC is in the past")
+    password = password if password is not None else generate_app_password()
+    stored = _hash(password, scheme)
+    async with _transaction(engine) as conn:
+        user_id = await _require_user(conn, address)
+        mine = app_passwords.c.user_id == user_id
+        template = await _salt_template(conn, user_id, scheme_of(stored))
+        if template is not None:
+            # The salt and cost of the user's other app passwords: a login then checks all
+            # of them with one hash (passwords.verify_group, directory._match_app_password).
+            stored = passwords.hash_like(template, password)
+        if await _count(conn, app_passwords, mine & (app_passwords.c.label == label)):
+            raise AdminError(f"{address} already has an app password labelled {label!r}")
+        if await _count(conn, app_passwords, mine) >= schema.MAX_APP_PASSWORDS:
+            raise AdminError(
+                f"{address} has {schema.MAX_APP_PASSWORDS} app passwords, the most allowed:"
+                " revoke one first"
+            )
+        await conn.execute(
+            app_passwords.insert().values(
+                user_id=user_id,
+                label=label,
+                password=stored,
+                protocols=" ".join(wanted),
+                expires_at=expires_at,
+            )
+        )
+    return password
+
+
+async def _salt_template(conn: AsyncConnection, user_id: int, scheme: str) -> str | None:
+    """The user's oldest app password of `scheme` ({ARGON2ID}) that new ones can share a
+    salt with, if any."""
+    query = (
+        select(app_passwords.c.password)
+        .where(app_passwords.c.user_id == user_id)
+        .order_by(app_passwords.c.id)
+    )
+    for (stored,) in (await conn.execute(query)).all():
+        if scheme_of(str(stored)) == scheme and passwords.salt_group(str(stored)) is not None:
+            return str(stored)
+    return None
+
+
+async def list_app_passwords(engine: AsyncEngine, address: str) -> list[AppPasswordInfo]:
+    address, _ = _address(address)
+    ap = app_passwords
+    query = select(ap.c.label, ap.c.protocols, ap.c.expires_at, ap.c.created_at, ap.c.last_used_at)
+    async with _transaction(engine) as conn:
+        user_id = await _require_user(conn, address)
+        rows = (await conn.execute(query.where(ap.c.user_id == user_id).order_by(ap.c.id))).all()
+    return [
+        AppPasswordInfo(label, tuple(protos.split()), _utc(exp), _utc(created), _utc(used))
+        for label, protos, exp, created, used in rows
+    ]
+
+
+async def revoke_app_password(engine: AsyncEngine, address: str, label: str) -> None:
+    address, _ = _address(address)
+    async with _transaction(engine) as conn:
+        user_id = await _require_user(conn, address)
+        mine = (app_passwords.c.user_id == user_id) & (app_passwords.c.label == label)
+        if not await _count(conn, app_passwords, mine):
+            raise AdminError(f"{address} has no app password labelled {label[:80]!r}")
+        await conn.execute(app_passwords.delete().where(mine))
 
 
 # --- checks and look-ups ----------------------------------------------------------------------
@@ -383,6 +536,40 @@ def _check_pool(pool: str) -> None:
         raise AdminError(f"pool name {pool[:80]!r}: a word of 1-64 printable characters")
     if "/" in pool:
         raise AdminError(f"pool name {pool[:80]!r}: must not contain '/'")
+
+
+def _check_oauth_login(mode: str | None, master_user: str | None) -> None:
+    if mode is None:
+        return
+    if mode not in schema.OAUTH_LOGINS:
+        raise AdminError(f"oauth login must be one of {', '.join(schema.OAUTH_LOGINS)}")
+    if mode == "master" and not master_user:
+        raise AdminError("oauth login 'master' needs a master user on the mailstore")
+
+
+def _check_label(label: str) -> None:
+    if not _LABEL.match(label):
+        raise AdminError(
+            f"label {label[:80]!r}: use 1-64 letters, digits, '.', '_', '@', '+' or '-'"
+        )
+
+
+def _protocols(names: Sequence[str]) -> tuple[str, ...]:
+    wanted = {n.strip().lower() for n in names if n.strip()}
+    unknown = sorted(wanted - set(schema.APP_PASSWORD_PROTOCOLS))
+    if unknown or not wanted:
+        raise AdminError(
+            f"protocols must be some of {', '.join(schema.APP_PASSWORD_PROTOCOLS)}"
+            + (f", not {unknown[0]!r}" if unknown else "")
+        )
+    return tuple(p for p in schema.APP_PASSWORD_PROTOCOLS if p in wanted)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite and MariaDB give naive datetimes back; they were written in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.UTC)
 
 
 def _check_host(host: str) -> None:

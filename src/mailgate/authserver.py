@@ -5,6 +5,13 @@ shared reference "nginx-auth-http.md"), and reads the answer's headers only: the
 is ignored, the whole answer must fit in 1024 bytes, and Auth-Server must be an IP address
 (nginx does not resolve names there). Every request is answered on any path but /healthz.
 
+OAuth logins come as mailgate's auth_http client sends them (a mailgate extension of the
+protocol): `Auth-Method: xoauth2` or `oauthbearer` with the token in `Auth-Pass` (as long as
+[oauth] max_token) and `Auth-User` empty for OAUTHBEARER without an authzid. A route that
+passes the token on is answered without `Auth-Pass`, which tells the client to log in to the
+backend with the client's own token and mechanism (nginx, too, reuses the client's password
+when Auth-Pass is absent).
+
 A request without the configured shared-secret headers gets 403. A request that is not from
 nginx at all (no Auth-Method or Auth-Protocol, a Client-IP that is no address) gets 400.
 Anything the client controls that does not decode (bad escapes, CR/LF/NUL in a user name) gets
@@ -28,7 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from mailgate.auth import Authenticator
-from mailgate.protocols.sasl import MAX_FIELD
+from mailgate.protocols.sasl import MAX_FIELD, MAX_TOKEN
 from mailgate.values import (
     ClientInfo,
     Credentials,
@@ -48,7 +55,10 @@ log = logging.getLogger("mailgate.authserver")
 
 # Request limits handed to aiohttp's parser. The longest header nginx sends is Auth-SSL-Cert:
 # a client certificate's PEM, escaped (~3 KiB for RSA-4096 with extensions); 16 KiB leaves room.
+# An OAuth token in Auth-Pass may be as long as [oauth] max_token (b64token characters need no
+# escaping): the limit is raised to fit it (`field_limit`).
 MAX_FIELD_SIZE = 16 * 1024
+FIELD_ROOM = 1024  # beyond the token: the header's name and separator, with room to spare
 MAX_LINE_SIZE = 8190  # the request line: aiohttp's own default, nginx sends "GET /auth HTTP/1.0"
 MAX_HEADERS = 64  # nginx sends at most 24 (all Auth-SSL-* and Proxy-Protocol-*) plus extras
 # nginx opens one HTTP/1.0 connection per login; nothing worth keeping a socket open for.
@@ -74,6 +84,8 @@ METHODS = {
     "cram-md5": Method.CRAM_MD5,
     "apop": Method.APOP,
     "none": Method.NONE,
+    "xoauth2": Method.XOAUTH2,
+    "oauthbearer": Method.OAUTHBEARER,
 }
 PROTOCOLS = ("imap", "pop3", "smtp")
 _SALTED = (Method.CRAM_MD5, Method.APOP)
@@ -127,7 +139,14 @@ def unescape(value: str) -> str:
     return b"".join(out).decode("utf-8", "surrogateescape")
 
 
-def parse_request(headers: Mapping[str, str]) -> tuple[Credentials, ClientInfo]:
+def field_limit(max_token: int = MAX_TOKEN) -> int:
+    """The longest request header accepted: an escaped certificate, or a whole token."""
+    return max(MAX_FIELD_SIZE, max_token + FIELD_ROOM)
+
+
+def parse_request(
+    headers: Mapping[str, str], max_token: int = MAX_TOKEN
+) -> tuple[Credentials, ClientInfo]:
     """nginx's request headers -> what an Authenticator takes. Raises NotNginx or BadInput."""
     protocol = _one(headers, "Auth-Protocol")
     method_name = _one(headers, "Auth-Method")
@@ -145,9 +164,13 @@ def parse_request(headers: Mapping[str, str]) -> tuple[Credentials, ClientInfo]:
         raise BadInput(f"unsupported Auth-Method {method_name[:20]!r}")
     user = unescape(_one(headers, "Auth-User") or "")
     password = unescape(_one(headers, "Auth-Pass") or "")
-    if _BAD_NAME.search(user) or len(user) > MAX_FIELD or len(password) > MAX_FIELD:
+    longest = max_token if method.is_oauth else MAX_FIELD
+    if _BAD_NAME.search(user) or len(user) > MAX_FIELD or len(password) > longest:
         raise BadInput("user name with CR, LF or NUL, or a field too long")
-    if not user and method is not Method.NONE:
+    if method.is_oauth and (not password or _BAD_NAME.search(password)):
+        raise BadInput("token login without a token, or with CR, LF or NUL in it")
+    # OAUTHBEARER need not name a user: the token does (RFC 7628 3.1).
+    if not user and method not in (Method.NONE, Method.OAUTHBEARER):
         raise BadInput("empty Auth-User")
     salt = _one(headers, "Auth-Salt")
     if method in _SALTED and not salt:
@@ -237,7 +260,9 @@ async def _route_headers(route: Route) -> dict[str, str] | TempFail:
     address = await resolve(route.host)
     if address is None:
         return TempFail(f"cannot resolve backend host {route.host!r}")
-    user, password = route.user, route.secret.reveal()
+    # A token route passes the client's token on: no Auth-Pass says "use the client's own".
+    user = route.user
+    password = "" if route.backend_auth.is_token else route.secret.reveal()
     for value in (user, password):
         if not value.isprintable() or not _encodable(value):  # CR/LF would split the answer
             return TempFail("backend login or password cannot travel in an HTTP header")
@@ -246,8 +271,9 @@ async def _route_headers(route: Route) -> dict[str, str] | TempFail:
         "Auth-Server": address,
         "Auth-Port": str(route.port),
         "Auth-User": user,
-        "Auth-Pass": password,
     }
+    if not route.backend_auth.is_token:
+        headers["Auth-Pass"] = password
     size = sum(len(k) + len(v.encode("utf-8")) + 4 for k, v in headers.items())
     if size > NGINX_ANSWER_MAX - FRAMEWORK_OVERHEAD:
         return TempFail("answer would overflow nginx's 1024-byte auth_http buffer")
@@ -290,7 +316,10 @@ async def _decide(authenticator: Authenticator, creds: Credentials, client: Clie
 # --- the application ------------------------------------------------------------------------
 
 
-def create_app(authenticator: Authenticator, settings: AuthServerSettings) -> web.Application:
+def create_app(
+    authenticator: Authenticator, settings: AuthServerSettings, max_token: int = MAX_TOKEN
+) -> web.Application:
+    """`max_token`: the longest OAuth token a request may carry ([oauth] max_token)."""
     required = tuple((name, value.encode("utf-8")) for name, value in settings.required_headers)
 
     async def auth(request: web.Request) -> web.Response:
@@ -298,7 +327,7 @@ def create_app(authenticator: Authenticator, settings: AuthServerSettings) -> we
             log.warning("auth-server: refused %s: required header missing or wrong", request.remote)
             return _answer({}, status=403)
         try:
-            creds, client = parse_request(request.headers)
+            creds, client = parse_request(request.headers, max_token)
         except NotNginx as e:
             log.warning("auth-server: bad request from %s: %s", request.remote, e)
             return _answer({}, status=400)
@@ -328,7 +357,7 @@ def create_app(authenticator: Authenticator, settings: AuthServerSettings) -> we
             "access_log": None,
             "logger": http_log,
             "max_line_size": MAX_LINE_SIZE,
-            "max_field_size": MAX_FIELD_SIZE,
+            "max_field_size": field_limit(max_token),
             "max_headers": MAX_HEADERS,
             "keepalive_timeout": KEEPALIVE_TIMEOUT,
         },
@@ -371,7 +400,9 @@ async def serve(settings: Settings, authenticator: Authenticator) -> None:
     from mailgate.config import parse_address  # config imports the auth package
 
     host, port = parse_address(settings.auth_server.listen, "auth_server.listen")
-    runner = web.AppRunner(create_app(authenticator, settings.auth_server), handle_signals=False)
+    max_token = settings.oauth.max_token if settings.oauth is not None else MAX_TOKEN
+    app = create_app(authenticator, settings.auth_server, max_token)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host or None, port, reuse_address=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import getpass
 import os
 import signal
@@ -21,7 +22,14 @@ from typing import Any
 
 from mailgate import admin
 from mailgate.auth.directory import SqlDirectory
-from mailgate.auth.schema import SMTP_LOGINS, TLS_MODES, SchemaError, dispose, make_engine
+from mailgate.auth.schema import (
+    OAUTH_LOGINS,
+    SMTP_LOGINS,
+    TLS_MODES,
+    SchemaError,
+    dispose,
+    make_engine,
+)
 from mailgate.config import PROTOCOLS, ConfigError, DirectorySettings, Settings
 from mailgate.values import ClientInfo, Credentials, Method, Reject, Route, Secret
 
@@ -83,10 +91,14 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
         help="hand SMTP sessions over by XCLIENT or AUTH (default: [backend] smtp_mode)",
     )
     p.add_argument("--pool", help="a [[pool]] of the config that chooses the host instead")
+    p.add_argument("--oauth-login", choices=OAUTH_LOGINS, help=_OAUTH_LOGIN_HELP)
     leaf(m, "list", "list mailstores", _mailstore_list)
     p = leaf(m, "set-pool", "send a mailstore's logins to a [[pool]]", _mailstore_set_pool)
     p.add_argument("name")
     p.add_argument("pool", nargs="?", help="omit to send them to the mailstore's host again")
+    p = leaf(m, "set-oauth-login", "how OAuth logins reach a mailstore", _mailstore_oauth_login)
+    p.add_argument("name")
+    p.add_argument("mode", choices=(*OAUTH_LOGINS, "default"), help=_OAUTH_LOGIN_HELP)
     for name, run in (("remove", _mailstore_remove), ("enable", _mailstore_enable)):
         leaf(m, name, f"{name} a mailstore", run).add_argument("name")
     leaf(m, "disable", "refuse logins to a mailstore", _mailstore_disable).add_argument("name")
@@ -122,6 +134,16 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
     p.add_argument("mailstore")
     p = leaf(u, "list", "list users", _user_list)
     p.add_argument("--domain")
+    p = leaf(
+        u,
+        "set-oauth-only",
+        "refuse (on) or accept again (off) the user's main password; tokens and app passwords"
+        " still log in",
+        _user_oauth_only,
+    )
+    p.add_argument("address")
+    p.add_argument("state", choices=("on", "off"))
+    _register_app_passwords(u, leaf)
 
     a = group("auth", "check logins")
     p = leaf(a, "test", "try a login against the directory, as doveadm auth test", _auth_test)
@@ -129,6 +151,35 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default="imap")
     p.add_argument("--client-ip", default="127.0.0.1")
     p.add_argument("--password-stdin", action="store_true")
+
+
+_OAUTH_LOGIN_HELP = (
+    "master: log OAuth users in as user*MASTER; token: pass the client's token on for the"
+    " mailstore to validate (Dovecot's oauth2 passdb); default: master if the mailstore has"
+    " a master user, else token"
+)
+
+
+def _register_app_passwords(users: Any, leaf: Callable[..., Any]) -> None:
+    ap = users.add_parser(
+        "app-password",
+        help="extra passwords per user, for mail clients that cannot do OAuth",
+        description="App passwords: each has a label, the protocols it may log in to and an"
+        " optional expiry; only its hash is stored.",
+    ).add_subparsers(dest="app_password_command", required=True, metavar="COMMAND")
+    p = leaf(ap, "add", "add an app password (a random one is printed once)", _app_password_add)
+    p.add_argument("address")
+    p.add_argument("--label", required=True, help="a name for it, shown in the session log")
+    p.add_argument("--protocols", required=True, help="comma-separated: imap,pop3,smtp")
+    p.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (through that day, UTC)")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="take it from stdin instead of making one"
+    )
+    p.add_argument("--scheme", default=admin.DEFAULT_SCHEME, help="e.g. ARGON2ID")
+    leaf(ap, "list", "list a user's app passwords", _app_password_list).add_argument("address")
+    p = leaf(ap, "revoke", "remove an app password", _app_password_revoke)
+    p.add_argument("address")
+    p.add_argument("label")
 
 
 def _password_options(p: argparse.ArgumentParser) -> None:
@@ -333,6 +384,7 @@ async def _mailstore_add(args: argparse.Namespace, s: DirectorySettings) -> int:
             master_password=master,
             smtp_login=args.smtp_login,
             pool=args.pool,
+            oauth_login=args.oauth_login,
         ),
     )
     print(f"mailstore {args.name} added")
@@ -355,6 +407,7 @@ async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int
             "MOVED",
             "SMTP-LOGIN",
             "POOL",
+            "OAUTH-LOGIN",
         ),
         [
             (
@@ -370,6 +423,7 @@ async def _mailstore_list(args: argparse.Namespace, s: DirectorySettings) -> int
                 m.users,
                 m.smtp_login,
                 m.pool,
+                m.oauth_login,
             )
             for m in found
         ],
@@ -381,6 +435,13 @@ async def _mailstore_set_pool(args: argparse.Namespace, s: DirectorySettings) ->
     await _admin(s, lambda e: admin.set_mailstore_pool(e, args.name, args.pool))
     where = f"pool {args.pool}" if args.pool else "its host"
     print(f"mailstore {args.name}: logins go to {where}")
+    return EXIT_OK
+
+
+async def _mailstore_oauth_login(args: argparse.Namespace, s: DirectorySettings) -> int:
+    mode = None if args.mode == "default" else args.mode
+    await _admin(s, lambda e: admin.set_mailstore_oauth_login(e, args.name, mode))
+    print(f"mailstore {args.name}: oauth login {args.mode}")
     return EXIT_OK
 
 
@@ -491,9 +552,88 @@ async def _user_remove(args: argparse.Namespace, s: DirectorySettings) -> int:
 async def _user_list(args: argparse.Namespace, s: DirectorySettings) -> int:
     found = await _admin(s, lambda e: admin.list_users(e, args.domain))
     _table(
-        ("ADDRESS", "MAILSTORE", "MOVED", "ACTIVE", "SCHEME"),
-        [(u.address, u.mailstore, _yes(u.moved), _yes(u.active), u.scheme) for u in found],
+        ("ADDRESS", "MAILSTORE", "MOVED", "ACTIVE", "SCHEME", "OAUTH-ONLY"),
+        [
+            (u.address, u.mailstore, _yes(u.moved), _yes(u.active), u.scheme, _yes(u.oauth_only))
+            for u in found
+        ],
     )
+    return EXIT_OK
+
+
+async def _user_oauth_only(args: argparse.Namespace, s: DirectorySettings) -> int:
+    on = args.state == "on"
+    await _admin(s, lambda e: admin.set_oauth_only(e, args.address, on))
+    state = "refused: OAuth and app passwords only" if on else "accepted again"
+    print(f"main password of {args.address.lower()} {state}")
+    return EXIT_OK
+
+
+# --- app passwords ----------------------------------------------------------------------------
+
+
+def _expiry(text: str | None) -> dt.datetime | None:
+    """--expires YYYY-MM-DD: usable through that day, i.e. until 00:00 UTC the day after."""
+    if text is None:
+        return None
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--expires {text[:40]!r}: expected a date, YYYY-MM-DD") from None
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+
+
+def _when(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+async def _app_password_add(args: argparse.Namespace, s: DirectorySettings) -> int:
+    expires = _expiry(args.expires)
+    given = None
+    if args.password_stdin:
+        given = _read_secret(True, "", confirm=False, flag="--password-stdin")
+    protocols = args.protocols.split(",")
+    password = await _admin(
+        s,
+        lambda e: admin.add_app_password(
+            e,
+            args.address,
+            args.label,
+            protocols,
+            password=given,
+            expires_at=expires,
+            scheme=args.scheme,
+        ),
+    )
+    until = f", until {_when(expires)} UTC" if expires else ""
+    print(f"app password {args.label} added for {args.address.lower()}{until}")
+    if given is None:  # made here: this is the only time anyone sees it
+        print(f"password: {password.reveal()}")
+        print("(shown once; only its hash is stored)")
+    return EXIT_OK
+
+
+async def _app_password_list(args: argparse.Namespace, s: DirectorySettings) -> int:
+    found = await _admin(s, lambda e: admin.list_app_passwords(e, args.address))
+    _table(
+        ("LABEL", "PROTOCOLS", "EXPIRES", "CREATED", "LAST-USED"),
+        [
+            (
+                a.label,
+                ",".join(a.protocols),
+                (_when(a.expires_at) or "never") + (" (expired)" if a.expired else ""),
+                _when(a.created_at),
+                _when(a.last_used_at) or "never",
+            )
+            for a in found
+        ],
+    )
+    return EXIT_OK
+
+
+async def _app_password_revoke(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.revoke_app_password(e, args.address, args.label))
+    print(f"app password {args.label} of {args.address.lower()} revoked")
     return EXIT_OK
 
 
@@ -518,6 +658,8 @@ async def _auth_test(args: argparse.Namespace, s: DirectorySettings) -> int:
         print(f"  backend: {decision.host}:{decision.port} ({args.protocol}, tls {tls})")
         print(f"  mailstore: {decision.mailstore or '-'}")
         print(f"  login user: {decision.user}")
+        if decision.credential_label is not None:
+            print(f"  app password: {decision.credential_label}")
         return EXIT_OK
     outcome = "failed" if isinstance(decision, Reject) else "failed temporarily"
     print(f"passdb: {verdict.user} auth {outcome}")

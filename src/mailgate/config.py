@@ -8,12 +8,14 @@ wrong; nothing here exits the process (that is `cli.py`'s job).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mailgate.networks import EMPTY, NetworkList, parse_network
 from mailgate.protocols.spec import SPECS
@@ -170,6 +172,59 @@ class ThrottleSettings:
     concurrent_per_ip: int = 64
 
 
+# JWS algorithms a token may be signed with: asymmetric only. "none" and the HMAC family
+# (HS256 ...) are never accepted: with HMAC, whoever can read the JWKS could sign tokens.
+OAUTH_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+    "Ed25519",  # RFC 9864's name for EdDSA with Ed25519
+)  # fmt: skip
+DEFAULT_OAUTH_ALGORITHMS = ("RS256", "ES256", "PS256", "EdDSA")
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    """[oauth]: how the built-in directory validates OAuth 2.0 bearer tokens (XOAUTH2 and
+    OAUTHBEARER logins), and what the error challenge tells a client whose token is refused.
+
+    JWTs are checked locally against the issuer's JWKS (`jwks_url`, or found through
+    `issuer` + /.well-known/openid-configuration); other tokens go to RFC 7662 introspection.
+    With [auth_http] only `scope` and `issuer` are used, for the error challenge.
+    """
+
+    issuer: str | None = None  # the `iss` every token must carry; also the discovery base
+    jwks_url: str | None = None  # None: from the issuer's OpenID configuration
+    audience: str | None = None  # a JWT's `aud` must contain it; introspection: aud/client_id
+    username_claim: str = "email"  # the claim naming the directory user
+    algorithms: tuple[str, ...] = DEFAULT_OAUTH_ALGORITHMS
+    clock_skew: float = 60.0  # exp/nbf/iat tolerance: clocks of IdPs and proxies drift
+    introspection_url: str | None = None
+    client_id: str | None = None  # HTTP Basic credentials for introspection
+    client_secret: Secret | None = None
+    timeout: float = 5.0  # one IdP request (discovery, JWKS or introspection), connect included
+    jwks_cache: float = 300.0  # keys are refetched this often, or on an unknown kid
+    introspection_cache: float = 60.0  # positive introspection answers; 0 turns it off
+    max_token: int = 16384  # protocols/sasl.py MAX_TOKEN says why
+    scope: str | None = None  # the error challenge's "scope"
+    ca_file: Path | None = None  # CA for the IdP's TLS certificate; None: the system's
+
+    @property
+    def validates_jwt(self) -> bool:
+        """JWTs are checked locally (the issuer's keys); other tokens need introspection."""
+        return self.issuer is not None and self.audience is not None
+
+    @property
+    def validates(self) -> bool:
+        """Whether any token can be validated (JWKS or introspection configured)."""
+        return self.validates_jwt or self.introspection_url is not None
+
+    @property
+    def openid_configuration(self) -> str | None:
+        """The discovery URL the error challenge points clients to (RFC 7628 3.2.2)."""
+        if self.issuer is None:
+            return None
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsSettings:
     """Bounds on what one worker accepts, checked from the moment a connection is accepted."""
@@ -216,6 +271,7 @@ class Settings:
     auth_server: AuthServerSettings
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    oauth: OAuthSettings | None = None  # [oauth]; None: no token can be validated
     workers: int = 1
     # Sessions one worker holds at once (nginx: worker_connections); 0 = derived from the
     # open-file limit at start, each proxied session costing two descriptors.
@@ -275,6 +331,9 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         raise ConfigError("either [auth_http] or [directory] must be configured")
     if auth_http is not None and directory is not None:
         raise ConfigError("[auth_http] and [directory] are exclusive: configure one")
+    oauth = (
+        _oauth(t.table("oauth"), needs_validation=directory is not None) if "oauth" in raw else None
+    )
     settings = Settings(
         listeners=listeners,
         protocols=protocols,
@@ -286,6 +345,7 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         auth_server=_auth_server(t.table("auth_server")),
         limits=_limits(t.table("limits")),
         cluster=_cluster(t.table("cluster"), t.table("throttle").raw.get("redis_url")),
+        oauth=oauth,
         workers=_workers(t.get("workers", (int, str), 1)),
         max_sessions=t.integer("max_sessions", 0),
         hostname=t.get("hostname", str, "localhost"),
@@ -538,6 +598,87 @@ def _auth_server(t: _Table) -> AuthServerSettings:
     )
     parse_address(settings.listen, t.key("listen"))
     t.check_unknown()
+    return settings
+
+
+def _oauth(t: _Table, *, needs_validation: bool) -> OAuthSettings:
+    """[oauth]. With the directory, a token must be checkable: `audience` always (a token
+    minted for another application of the same IdP must not log in), and `issuer` (JWTs) or
+    introspection with its URL and client credentials (opaque tokens), or both."""
+
+    def idp_url(key: str) -> str | None:
+        """https, or http to a loopback address (an IdP on the same host, tests)."""
+        value: str | None = t.get(key, str, None)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if parts.scheme == "http" and loopback:
+            return value
+        if parts.scheme != "https" or not host:
+            raise ConfigError(f"{t.key(key)}: must be https:// (http only to a loopback address)")
+        return value
+
+    d = OAuthSettings()
+    scope = t.get("scope", str, None)
+    if scope is not None and (not scope.isprintable() or '"' in scope or "\\" in scope):
+        raise ConfigError(f"{t.key('scope')}: must be printable, without quotes or backslashes")
+    algorithms = t.str_list("algorithms", d.algorithms)
+    for alg in algorithms:
+        if alg.lower() == "none" or alg.upper().startswith("HS"):
+            raise ConfigError(
+                f"{t.key('algorithms')}: {alg!r} is never accepted (only asymmetric signatures)"
+            )
+        if alg not in OAUTH_ALGORITHMS:
+            raise ConfigError(
+                f"{t.key('algorithms')}: must be some of {', '.join(OAUTH_ALGORITHMS)}"
+            )
+    if not algorithms:
+        raise ConfigError(f"{t.key('algorithms')}: must not be empty")
+    secret = t.get("client_secret", str, None)
+    claim = t.get("username_claim", str, d.username_claim)
+    if not claim or not claim.isprintable():
+        raise ConfigError(f"{t.key('username_claim')}: must be a claim name")
+    settings = OAuthSettings(
+        issuer=idp_url("issuer"),
+        jwks_url=idp_url("jwks_url"),
+        audience=t.get("audience", str, None),
+        username_claim=claim,
+        algorithms=algorithms,
+        clock_skew=t.number("clock_skew", d.clock_skew),
+        introspection_url=idp_url("introspection_url"),
+        client_id=t.get("client_id", str, None),
+        client_secret=Secret(secret) if secret is not None else None,
+        timeout=t.timeout("timeout", d.timeout),
+        jwks_cache=t.timeout("jwks_cache", d.jwks_cache),
+        introspection_cache=t.number("introspection_cache", d.introspection_cache),
+        max_token=t.integer("max_token", d.max_token),
+        scope=scope,
+        ca_file=t.path("ca_file"),
+    )
+    t.check_unknown()
+    if not 1024 <= settings.max_token <= 1024 * 1024:
+        raise ConfigError(f"{t.key('max_token')}: must be from 1024 to 1048576 bytes")
+    if settings.jwks_url is not None and settings.issuer is None:
+        raise ConfigError(f"{t.key('issuer')}: required with jwks_url (every token's iss)")
+    if needs_validation and settings.audience is None:
+        raise ConfigError(
+            f"{t.key('audience')}: required (the client id, or the audience a mapper adds):"
+            " without it a token the issuer made for any other application would log in"
+        )
+    if settings.introspection_url is not None and (
+        settings.client_id is None or settings.client_secret is None
+    ):
+        raise ConfigError(f"{t.key('introspection_url')}: needs client_id and client_secret")
+    if needs_validation and not settings.validates:
+        raise ConfigError(
+            "[oauth]: set issuer and audience (JWTs, keys from the issuer's JWKS) or"
+            " introspection_url, client_id and client_secret (opaque tokens)"
+        )
     return settings
 
 

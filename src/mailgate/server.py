@@ -47,6 +47,7 @@ from mailgate.protocols.proxy_protocol import (
     ProxyProtocolError,
     parse_header,
 )
+from mailgate.protocols.sasl import MAX_TOKEN
 from mailgate.protocols.spec import SPECS
 from mailgate.ratelog import RateLimitedLog
 from mailgate.session import Handshakes, ListenerContext, Session, Sessions
@@ -87,6 +88,7 @@ def policy_for(settings: Settings, listener: ListenerSettings) -> PreAuthPolicy:
         hostname=settings.hostname,
         max_errors=proto.max_errors,
         max_line=proto.max_line,
+        max_token=settings.oauth.max_token if settings.oauth else MAX_TOKEN,
     )
 
 

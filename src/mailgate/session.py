@@ -48,6 +48,7 @@ from mailgate.protocols.events import (
     Unavailable,
 )
 from mailgate.protocols.policy import PreAuthPolicy
+from mailgate.protocols.sasl import error_challenge
 from mailgate.protocols.smtp import SmtpCore
 from mailgate.protocols.spec import ProtocolSpec
 from mailgate.ratelog import RateLimitedLog
@@ -62,6 +63,7 @@ from mailgate.values import (
     Route,
     TempFail,
     TlsInfo,
+    TokenChallenge,
 )
 
 log = logging.getLogger("mailgate.session")
@@ -167,6 +169,7 @@ class Session:
         "client",
         "core",
         "ctx",
+        "label",
         "lease",
         "mailstore",
         "reason",
@@ -186,6 +189,7 @@ class Session:
         self.lease: tuple[str | None, str, bool] | None = None  # the session counted in [limits]
         self.mailstore: str | None = None
         self.target: Target | None = None  # where the backend login succeeded
+        self.label: str | None = None  # the app password that logged in (its label)
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         self.client = _client_info(chan, ctx.listener.protocol)
         policy = ctx.policy
@@ -333,7 +337,8 @@ class Session:
         if isinstance(decision, Reject):
             metrics.count(metrics.LOGINS, protocol, "rejected")
             await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
-            return Rejected(decision.message, decision.error_code), None
+            challenge = _token_challenge(creds, decision)
+            return Rejected(decision.message, decision.error_code, challenge), None
         metrics.count(metrics.LOGINS, protocol, "tempfail")
         log.warning(
             "auth temporary failure for %s from %s: %s",
@@ -373,6 +378,8 @@ class Session:
         when tried; a shared-storage pool's next member after a temporary failure), never
         at one of our own listeners. Nothing to try is a fast temporary failure."""
         ctx, protocol = self.ctx, self.ctx.listener.protocol
+        self.label = route.credential_label
+        self.user = self.user or route.identity or ""  # OAUTHBEARER may name nobody itself
         router = ctx.router
         hops = PROXY_TTL if creds.proxy_ttl is None else min(creds.proxy_ttl, PROXY_TTL)
         plan: Plan | NoBackend
@@ -455,6 +462,7 @@ class SessionRecord:
         "attempts",
         "backend",
         "client",
+        "label",
         "lease",
         "mailstore",
         "protocol",
@@ -479,6 +487,7 @@ class SessionRecord:
         self.store = session.ctx.store
         self.relay: Relay | None = None
         self.release: Callable[[], None] | None = None  # the backend's session count
+        self.label = session.label
 
     def describe(self) -> dict[str, object]:
         relay = self.relay
@@ -528,19 +537,33 @@ def _log_session(
         return
     c = rec.client
     traffic = f" in={relay.bytes_in} out={relay.bytes_out}" if relay else ""
+    label = f" app_password={_safe(rec.label)}" if rec.label else ""
     log.log(
         level,
-        "%s client=%s:%d user=%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
+        "%s client=%s:%d user=%s%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
         rec.protocol,
         c.ip,
         c.port,
         _safe(rec.user) or "-",
+        label,
         rec.backend,
         c.tls.protocol if c.tls else "no",
         rec.attempts,
         traffic,
         time.monotonic() - rec.started,
         reason.value,
+    )
+
+
+def _token_challenge(creds: Credentials, reject: Reject) -> bytes | None:
+    """An OAuth login's refusal starts with the error challenge (RFC 7628 3.2.2), with what
+    the authenticator says of it ([oauth] scope and issuer), a bare one when it says nothing
+    (a throttle's lockout)."""
+    if not creds.method.is_oauth:
+        return None
+    said = reject.token_challenge or TokenChallenge()
+    return error_challenge(
+        creds.method, scope=said.scope, openid_configuration=said.openid_configuration
     )
 
 

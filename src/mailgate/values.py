@@ -56,11 +56,21 @@ class Method(StrEnum):
     CRAM_MD5 = "cram-md5"  # secret is the client's hex digest, salt the challenge
     APOP = "apop"  # secret is the client's hex digest, salt the greeting timestamp
     NONE = "none"  # SMTP relay without AUTH: the envelope decides
+    # OAuth 2.0 bearer tokens: secret is the token. XOAUTH2 is Google's SASL mechanism (user
+    # from `user=`); OAUTHBEARER is RFC 7628's (user from the GS2 authzid, "" without one).
+    # auth_http gets them as "xoauth2" / "oauthbearer": a mailgate extension of nginx's protocol.
+    XOAUTH2 = "xoauth2"
+    OAUTHBEARER = "oauthbearer"
 
     @property
     def auth_http_name(self) -> str:
         """The Auth-Method value nginx sends for this method."""
         return "plain" if self is Method.LOGIN else self.value
+
+    @property
+    def is_oauth(self) -> bool:
+        """The secret is a bearer token, not a password or a digest of one."""
+        return self is Method.XOAUTH2 or self is Method.OAUTHBEARER
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,23 @@ class BackendTLS(StrEnum):
     IMPLICIT = "implicit"
 
 
+class BackendAuth(StrEnum):
+    """How the backend login proves who the user is, i.e. what `Route.secret` holds."""
+
+    PASSWORD = "password"  # the user's own password: LOGIN, USER/PASS, AUTH PLAIN
+    # A master user: `Route.user` is already "user*master" and the secret the master password;
+    # on the wire the same as PASSWORD, kept apart for the log line.
+    MASTER = "master"
+    # The client's OAuth bearer token, passed on for the backend to validate (Dovecot's
+    # oauth2 passdb) with this SASL mechanism, initial response included.
+    XOAUTH2 = "xoauth2"
+    OAUTHBEARER = "oauthbearer"
+
+    @property
+    def is_token(self) -> bool:
+        return self is BackendAuth.XOAUTH2 or self is BackendAuth.OAUTHBEARER
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Log in to `host:port` as `user` with `secret` (already in master-user form if any)."""
@@ -136,6 +163,20 @@ class Route:
     # A [[pool]] that chooses the member (a directory mailstore's `pool`); None: host:port
     # (which may still be a pool member, or a pool's name).
     pool: str | None = None
+    backend_auth: BackendAuth = BackendAuth.PASSWORD
+    # Which of the user's credentials matched, for the log line (`app_password=<label>`):
+    # the label of an app password, never the secret; None for the main password or a token.
+    credential_label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChallenge:
+    """What the error challenge to a refused OAuth token names (RFC 7628 3.2.2): the scope a
+    token needs and the issuer's OpenID configuration URL, both optional. The protocol core
+    sends it (protocols/sasl.py `error_challenge` writes the JSON)."""
+
+    scope: str | None = None
+    openid_configuration: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +189,9 @@ class Reject:
     # As Route.identity: the stored user a wrong password (or a disabled user) was checked
     # against; None for an unknown user or a refused name. Never shown to the client.
     identity: str | None = field(default=None, compare=False)
+    # For an XOAUTH2 / OAUTHBEARER login: what its error challenge says ([oauth] scope and
+    # issuer); None: a bare one. Metadata as `identity`: a refusal is a refusal.
+    token_challenge: TokenChallenge | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,8 +135,8 @@ def test_passwd_disable_enable_move_and_list(ready: Cli) -> None:
     assert (code, out.splitlines()[1]) == (OK, "  backend: mail2.example.net:143 (imap, tls none)")
     code, out, _ = ready("user", "list", "--domain", "example.com")
     assert out.splitlines() == [
-        "ADDRESS            MAILSTORE  MOVED  ACTIVE  SCHEME",
-        "alice@example.com  store2     yes    yes     {ARGON2ID}",
+        "ADDRESS            MAILSTORE  MOVED  ACTIVE  SCHEME      OAUTH-ONLY",
+        "alice@example.com  store2     yes    yes     {ARGON2ID}  no",
     ]
     code, _, err = ready("user", "list", "--domain", "example.net")
     assert (code, err) == (FAILED, "mailgate: unknown domain 'example.net'\n")
@@ -156,14 +156,14 @@ def test_master_user_mailstore(ready: Cli) -> None:
     assert "m-secret" not in out and "d-pw" not in out
     code, out, _ = ready("mailstore", "list")
     assert out.splitlines()[3].split() == [
-        "store3", "10.0.0.9", "-", "-", "-", "none", "proxy", "yes", "1", "0", "-", "-"
+        "store3", "10.0.0.9", "-", "-", "-", "none", "proxy", "yes", "1", "0", "-", "-", "-"
     ]  # fmt: skip
     assert ready("mailstore", "set-pool", "store3", "stores") == (
         OK, "mailstore store3: logins go to pool stores\n", "",
     )  # fmt: skip
-    assert ready("mailstore", "list")[1].splitlines()[3].split()[-1] == "stores"
+    assert ready("mailstore", "list")[1].splitlines()[3].split()[-2] == "stores"
     assert ready("mailstore", "set-pool", "store3")[0] == OK
-    assert ready("mailstore", "list")[1].splitlines()[3].split()[-1] == "-"
+    assert ready("mailstore", "list")[1].splitlines()[3].split()[-2] == "-"
 
 
 def test_refusals_name_the_problem(ready: Cli) -> None:
@@ -283,3 +283,74 @@ def test_the_real_command_line_dispatches_to_these_commands(
     assert main(["mailstore", "add", "s1", "--host", "10.0.0.5", "-c", str(config)]) == OK
     assert main(["mailstore", "list", "-c", str(config)]) == OK
     assert "s1    10.0.0.5" in capsys.readouterr().out
+
+
+def test_app_passwords_and_oauth_only_from_the_command_line(ready: Cli) -> None:
+    code, out, err = ready(
+        "user", "app-password", "add", "alice@example.com", "--label", "phone",
+        "--protocols", "imap,smtp", "--expires", "2999-12-31",
+    )  # fmt: skip
+    assert code == OK, err
+    lines = out.splitlines()
+    assert lines[0] == "app password phone added for alice@example.com, until 3000-01-01 00:00 UTC"
+    generated = lines[1].removeprefix("password: ")
+    assert len(generated) == 24 and lines[2] == "(shown once; only its hash is stored)"
+    code, out, _ = ready(
+        "user", "app-password", "add", "alice@example.com", "--label", "laptop",
+        "--protocols", "pop3", "--password-stdin", stdin="typed-app-pw\n",
+    )  # fmt: skip
+    assert (code, out) == (OK, "app password laptop added for alice@example.com\n")
+
+    code, out, _ = ready("user", "app-password", "list", "alice@example.com")
+    rows = [line.split("  ") for line in out.splitlines()]
+    assert out.splitlines()[0].split() == ["LABEL", "PROTOCOLS", "EXPIRES", "CREATED", "LAST-USED"]
+    assert [r[0] for r in rows[1:]] == ["phone", "laptop"]
+    assert "imap,smtp" in out and "3000-01-01 00:00" in out and "never" in out
+    assert generated not in out and "typed-app-pw" not in out and "ARGON2" not in out
+
+    # store1 has no master user, so the right app password is a temporary failure there:
+    # auth test says so, which is what an operator needs to see.
+    code, out, _ = ready("auth", "test", "alice@example.com", "--password-stdin", stdin=generated)
+    assert code == FAILED and "no master user" in out
+
+    assert ready("user", "set-oauth-only", "alice@example.com", "on")[:2] == (
+        OK, "main password of alice@example.com refused: OAuth and app passwords only\n"
+    )  # fmt: skip
+    code, out, _ = auth_test(ready, "p%ony\n")
+    assert (code, out.splitlines()[1]) == (
+        FAILED, "  why: main password refused: the user is oauth-only, and no app password"
+        " for imap matched"
+    )  # fmt: skip
+    assert "yes" in ready("user", "list")[1].splitlines()[1].split()[-1]
+    assert ready("user", "set-oauth-only", "alice@example.com", "off")[0] == OK
+    assert auth_test(ready, "p%ony\n")[0] == OK
+
+    assert ready("user", "app-password", "revoke", "alice@example.com", "laptop")[:2] == (
+        OK, "app password laptop of alice@example.com revoked\n"
+    )  # fmt: skip
+    cases = [
+        (("revoke", "alice@example.com", "laptop"), "has no app password labelled 'laptop'"),
+        (("add", "alice@example.com", "--label", "phone", "--protocols", "imap"),
+         "already has an app password labelled 'phone'"),
+        (("add", "alice@example.com", "--label", "x", "--protocols", "imap,nntp"), "'nntp'"),
+        (("add", "bob@example.com", "--label", "x", "--protocols", "imap"), "unknown user"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, _, err = ready("user", "app-password", *argv)
+        assert code == FAILED and message in err, (argv, err)
+    code, _, err = ready("user", "app-password", "add", "alice@example.com", "--label", "x",
+                         "--protocols", "imap", "--expires", "soon")  # fmt: skip
+    assert code == USAGE and "expected a date" in err
+
+
+def test_mailstore_oauth_login(ready: Cli) -> None:
+    code, _, err = ready("mailstore", "set-oauth-login", "store1", "master")
+    assert code == FAILED and "needs a master user" in err
+    assert ready("mailstore", "set-oauth-login", "store1", "token")[:2] == (
+        OK, "mailstore store1: oauth login token\n"
+    )  # fmt: skip
+    assert ready("mailstore", "list")[1].splitlines()[1].split()[-1] == "token"
+    assert ready("mailstore", "set-oauth-login", "store1", "default")[0] == OK
+    assert ready("mailstore", "list")[1].splitlines()[1].split()[-1] == "-"
+    argv = ("mailstore", "add", "store4", "--host", "10.0.0.4", "--oauth-login", "token")
+    assert ready(*argv)[0] == OK

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from integration.test_directory_sqlite import (
     FAILED,
     SEED_DDL,
+    UNDO_VERSION_4,
     env,
     populate,
     route,
@@ -158,7 +159,7 @@ async def as_version_2(url: str) -> None:
         await admin.init_schema(e)
     finally:
         await dispose(e)
-    statements = ["UPDATE mailgate_schema SET version = 2"]
+    statements = [*UNDO_VERSION_4, "UPDATE mailgate_schema SET version = 2"]
     if is_mysql(url):
         statements += [
             f"ALTER TABLE {t} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -16,15 +17,17 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
+import argon2
 import pytest
 from sqlalchemy import MetaData, text
 
 from mailgate import admin
-from mailgate.auth import passwords
+from mailgate.auth import passwords, schema
 from mailgate.auth.directory import SqlDirectory, engine_url
 from mailgate.auth.schema import SCHEMA_VERSION, SchemaError, dispose, make_engine
 from mailgate.config import DirectoryQueries, DirectorySettings
 from mailgate.values import (
+    BackendAuth,
     BackendTLS,
     ClientInfo,
     Credentials,
@@ -50,6 +53,12 @@ SEED_QUERIES = DirectoryQueries(
 SEED_DDL = (
     "CREATE TABLE users (email VARCHAR(255) NOT NULL, clear VARCHAR(255))",
     "CREATE TABLE transport (domain VARCHAR(255) NOT NULL, destination_mailstore VARCHAR(255))",
+)
+# Undo version 4 (OAuth and app passwords): a database as versions 1 to 3 left it.
+UNDO_VERSION_4 = (
+    "DROP TABLE app_passwords",
+    "ALTER TABLE users DROP COLUMN oauth_only",
+    "ALTER TABLE mailstores DROP COLUMN oauth_login",
 )
 HOSTILE_NAMES = ["' OR 1=1 --", "alice@example.com' --", '" OR ""="', "%", "*", "alice@%"]
 
@@ -96,6 +105,34 @@ async def set_stored(url: str, address: str, stored: str) -> None:
     finally:
         await dispose(e)
     await sql(url, "UPDATE users SET password = :p WHERE address = :a", p=stored, a=address)
+
+
+async def add_app(engine: Any, address: str, label: str, protocols: list[str], pw: str) -> None:
+    """An app password stored as {PLAIN}: quick to check, which these tests do a lot."""
+    await admin.add_app_password(
+        engine, address, label, protocols, password=Secret(pw), scheme="PLAIN"
+    )
+
+
+async def app_hashes(url: str, address: str) -> list[str]:
+    """The stored app-password values of a user, oldest first."""
+    e = make_engine(url, 1)
+    try:
+        async with e.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT a.password FROM app_passwords a JOIN users u ON u.id = a.user_id"
+                     " WHERE u.address = :a ORDER BY a.id"), {"a": address})  # fmt: skip
+            return [str(row[0]) for row in rows]
+    finally:
+        await dispose(e)
+
+
+async def list_app(url: str, address: str) -> list[admin.AppPasswordInfo]:
+    e = make_engine(url, 1)
+    try:
+        return await admin.list_app_passwords(e, address)
+    finally:
+        await dispose(e)
 
 
 async def populate(url: str) -> None:
@@ -202,9 +239,9 @@ class DirectoryBehaviour:
             e = make_engine(db_url, 1)
             try:
                 await admin.init_schema(e)
-                # A database as version 1 left it: no smtp_login column.
+                # A database as version 1 left it: no smtp_login column, nothing of version 4.
                 await sql(db_url, "ALTER TABLE mailstores DROP COLUMN smtp_login",
-                          "UPDATE mailgate_schema SET version = 1")  # fmt: skip
+                          *UNDO_VERSION_4, "UPDATE mailgate_schema SET version = 1")  # fmt: skip
                 assert await admin.upgrade_schema(e) == (1, SCHEMA_VERSION)
                 assert await admin.upgrade_schema(e) == (SCHEMA_VERSION,) * 2  # idempotent
                 await admin.add_mailstore(e, "mx", "10.0.0.7", smtp_login="auth")
@@ -258,6 +295,214 @@ class DirectoryBehaviour:
                 assert relay.pool == "stores"
                 await admin.set_mailstore_pool(e2.engine, "cluster", None)
                 assert route(await e2.auth("a@example.com", "pw-a")).pool is None
+
+        run(scenario())
+
+    @pytest.mark.parametrize("before", [2, 3])
+    def test_versions_2_and_3_upgrade_to_oauth_columns_and_app_passwords(
+        self, db_url: str, before: int
+    ) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            # A database as version 2 or 3 left it: no app_passwords, oauth_only, oauth_login.
+            await sql(db_url, *UNDO_VERSION_4, f"UPDATE mailgate_schema SET version = {before}")
+            e = make_engine(db_url, 1)
+            try:
+                assert await admin.upgrade_schema(e) == (before, SCHEMA_VERSION)
+                assert await admin.upgrade_schema(e) == (SCHEMA_VERSION,) * 2  # idempotent
+                assert not any(u.oauth_only for u in await admin.list_users(e))
+                await add_app(e, "dave@example.org", "phone", ["imap"], "dave-app")
+                await admin.set_mailstore_oauth_login(e, "store2", "token")
+                assert {m.name: m.oauth_login for m in await admin.list_mailstores(e)} == {
+                    "store1": None, "store2": "token"
+                }  # fmt: skip
+            finally:
+                await dispose(e)
+            async with env(db_url) as e2:
+                assert route(await e2.auth("dave@example.org", "dave-app")).credential_label == (
+                    "phone"
+                )
+                assert route(await e2.auth("dave@example.org", "dave-pw")).credential_label is None
+                assert route(await e2.auth("ALICE@example.COM ", ALICE_PW)).identity == (
+                    "alice@example.com"
+                )
+
+        run(scenario())
+
+    # --- app passwords and oauth-only users ------------------------------------------------
+
+    def test_app_passwords_log_in_for_their_protocols_until_expiry_or_revocation(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                made = await admin.add_app_password(e.engine, "Dave@example.org", "phone",
+                                                    ["smtp", "imap"], expires_at=later)  # fmt: skip
+                assert len(made.reveal()) == 24  # generated: 5 groups of 4, with dashes
+                await add_app(e.engine, "dave@example.org", "old-laptop", ["pop3"], "laptop-pw")
+                for protocol in ("imap", "smtp"):
+                    r = route(await e.auth("dave@example.org", made, protocol=protocol))
+                    # The backend knows nothing of app passwords: the master user logs in.
+                    assert (r.user, r.secret.reveal()) == ("dave@example.org*proxy", MASTER_PW)
+                    assert (r.backend_auth, r.credential_label) == (BackendAuth.MASTER, "phone")
+                assert await e.auth("dave@example.org", made, protocol="pop3") == FAILED
+                r = route(await e.auth("dave@example.org", "laptop-pw", protocol="pop3"))
+                assert r.credential_label == "old-laptop"
+                assert await e.auth("dave@example.org", "laptop-pw", protocol="imap") == FAILED
+                main = route(await e.auth("dave@example.org", "dave-pw"))  # still works
+                assert main.credential_label is None
+                # App passwords are hashes: CRAM-MD5 cannot use them.
+                assert await e.auth("dave@example.org", cram("laptop-pw"), Method.CRAM_MD5,
+                                    "pop3") == FAILED  # fmt: skip
+                expire = "UPDATE app_passwords SET expires_at = :past WHERE label = 'phone'"
+                await sql(db_url, expire, past=dt.datetime(2020, 1, 1))
+                assert await e.auth("dave@example.org", made) == FAILED
+                await admin.revoke_app_password(e.engine, "dave@example.org", "old-laptop")
+                assert await e.auth("dave@example.org", "laptop-pw", protocol="pop3") == FAILED
+            listed = await list_app(db_url, "dave@example.org")
+            assert [(a.label, a.protocols, a.expired) for a in listed] == [
+                ("phone", ("imap", "smtp"), True)
+            ]  # fmt: skip
+            assert listed[0].last_used_at is not None  # written in the background
+            assert listed[0].created_at is not None and listed[0].created_at.tzinfo is not None
+
+        run(scenario())
+        assert "no app password for pop3 matched" in caplog.text
+        assert "laptop-pw" not in caplog.text
+
+    def test_oauth_only_refuses_the_main_password_only(
+        self, db_url: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                await add_app(e.engine, "dave@example.org", "tb", ["imap"], "tb-pw")
+                await admin.set_oauth_only(e.engine, "dave@example.org", True)
+                assert [u.oauth_only for u in await admin.list_users(e.engine)] == [
+                    False, False, True
+                ]  # fmt: skip
+                assert await e.auth("dave@example.org", "dave-pw") == FAILED
+                assert route(await e.auth("dave@example.org", "tb-pw")).credential_label == "tb"
+                await admin.set_oauth_only(e.engine, "dave@example.org", False)
+                route(await e.auth("dave@example.org", "dave-pw"))
+
+        run(scenario())
+        assert "main password refused: the user is oauth-only" in caplog.text
+
+    def test_app_passwords_need_a_master_user_and_are_capped(self, db_url: str) -> None:
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                # alice's mailstore has no master user: her app password is right, but there
+                # is nothing to log in to the backend with.
+                await add_app(e.engine, "alice@example.com", "a", ["imap"], "alice-app")
+                refused = await e.auth("alice@example.com", "alice-app")
+                assert isinstance(refused, TempFail) and "no master user" in refused.reason
+                for n in range(1, schema.MAX_APP_PASSWORDS):
+                    await add_app(e.engine, "alice@example.com", f"a{n}", ["smtp"], f"x{n}")
+                with pytest.raises(admin.AdminError, match="the most allowed"):
+                    await admin.add_app_password(e.engine, "alice@example.com", "one-more",
+                                                 ["imap"], scheme="PLAIN")  # fmt: skip
+                with pytest.raises(admin.AdminError, match="already has an app password"):
+                    await admin.add_app_password(e.engine, "carol@example.com", "x", ["imap"])
+                    await admin.add_app_password(e.engine, "carol@example.com", "x", ["imap"])
+                for bad, why in ((["ftp"], "not 'ftp'"), ([], "protocols must be")):
+                    with pytest.raises(admin.AdminError, match=why):
+                        await admin.add_app_password(e.engine, "carol@example.com", "y", bad)
+                with pytest.raises(admin.AdminError, match="label"):
+                    await admin.add_app_password(e.engine, "carol@example.com", "a b", ["imap"])
+                past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+                with pytest.raises(admin.AdminError, match="in the past"):
+                    await admin.add_app_password(
+                        e.engine, "carol@example.com", "z", ["imap"], expires_at=past
+                    )
+                await admin.remove_user(e.engine, "alice@example.com")
+                assert await list_app(db_url, "carol@example.com") != []
+            await sql(db_url, "DELETE FROM app_passwords WHERE label = 'x'")
+            e3 = make_engine(db_url, 1)
+            try:
+                async with e3.connect() as conn:
+                    left = (await conn.execute(text("SELECT COUNT(*) FROM app_passwords"))).scalar()
+                assert left == 0  # alice's went with her
+            finally:
+                await dispose(e3)
+
+        run(scenario())
+
+    def test_a_wrong_password_costs_two_hashes_whoever_and_however_many_app_passwords(
+        self, db_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Once any user has an app password, every wrong PLAIN/LOGIN password costs the main
+        check and one app-password hash: a user with three (sharing one salt, as admin writes
+        them), one without any, a protocol none is for, and an unknown user alike."""
+        hashes: list[str] = []
+        real_verify, real_raw = passwords.verify, argon2.low_level.hash_secret_raw
+
+        def verify(stored: str, password: Secret, **kw: Any) -> bool:
+            hashes.append(stored.partition("}")[0] + "}")
+            return real_verify(stored, password, **kw)
+
+        def raw(*args: Any, **kw: Any) -> bytes:
+            hashes.append("{ARGON2ID} group")
+            return real_raw(*args, **kw)
+
+        def cost(decision: Decision) -> list[str]:
+            made = list(hashes)
+            hashes.clear()
+            return made
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                assert await e.auth("carol@example.com", "wrong") == FAILED
+                for label, protocols in (("a", ["imap"]), ("b", ["imap"]), ("c", ["smtp"])):
+                    await admin.add_app_password(e.engine, "dave@example.org", label, protocols,
+                                                 password=Secret(label + "-pw"))  # fmt: skip
+            groups = {passwords.salt_group(r) for r in await app_hashes(db_url, "dave@example.org")}
+            assert len(groups) == 1 and None not in groups  # one salt for all three
+            monkeypatch.setattr(passwords, "verify", verify)
+            monkeypatch.setattr(argon2.low_level, "hash_secret_raw", raw)
+            async with env(db_url) as e:
+                group = ["{SSHA512}", "{ARGON2ID} group"]
+                dummy = ["{SSHA512}", "{ARGON2ID}"]
+                assert cost(await e.auth("dave@example.org", "wrong")) == group
+                assert cost(await e.auth("dave@example.org", "wrong", protocol="smtp")) == group
+                assert cost(await e.auth("dave@example.org", "wrong", protocol="pop3")) == dummy
+                assert len(cost(await e.auth("carol@example.com", "wrong"))) == 2
+                assert len(cost(await e.auth("nobody@example.org", "wrong"))) == 2
+                r = route(await e.auth("dave@example.org", "b-pw"))
+                assert r.credential_label == "b" and cost(r) == group
+                assert cost(route(await e.auth("dave@example.org", "dave-pw"))) == ["{SSHA512}"]
+                # CRAM-MD5 cannot use an app password (they are hashes): no app-password hash
+                # (its own check is verify_cram_md5, not counted here).
+                assert cost(await e.auth("carol@example.com", cram("x"), Method.CRAM_MD5)) == []
+
+        run(scenario())
+
+    def test_without_any_app_password_a_wrong_password_costs_one_hash(
+        self, db_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        checked: list[str] = []
+        real = passwords.verify
+
+        def spy(stored: str, password: Secret, **kw: Any) -> bool:
+            checked.append(stored)
+            return real(stored, password, **kw)
+
+        async def scenario() -> None:
+            await populate(db_url)
+            async with env(db_url) as e:
+                monkeypatch.setattr(passwords, "verify", spy)
+                for user in ("carol@example.com", "dave@example.org", "nobody@example.org"):
+                    assert await e.auth(user, "wrong") == FAILED
+                    assert len(checked) == 1, user
+                    checked.clear()
 
         run(scenario())
 

@@ -177,3 +177,46 @@ def test_unknown_and_disabled_users_cost_what_a_wrong_password_costs(
         f"{k} vs wrong {a:.3f}" for k, a in effect.items()))  # fmt: skip
     for kind, a in effect.items():
         assert 1 - LARGE < a < LARGE, f"{kind} vs wrong password: A = {a:.3f}; {describe(result)}"
+
+
+APP_ATTEMPTS = 100  # logins of each kind: each costs an ARGON2ID hash (~20 ms)
+
+
+def test_app_passwords_cost_one_hash_whoever_has_how_many(tmp_path: Path) -> None:
+    """Once users have app passwords, a wrong password costs one app-password hash for all:
+    a user with three, a user with none and an unknown user (the first would cost three and
+    the others none if each app password had a salt of its own and no dummy stood in)."""
+    url = f"sqlite:///{tmp_path / 'directory.db'}"
+    kinds = ("unknown", "three", "none")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+
+    def creds(kind: str, i: int) -> Credentials:
+        user = {"unknown": f"nobody{i}", "three": f"user{1 + i % 9}", "none": f"user{10 + i % 9}"}
+        return Credentials(Method.PLAIN, user[kind] + "@example.com", Secret(f"guess-{i}"))
+
+    async def scenario() -> None:
+        await builtin(url, lambda pw: _hash(pw, "SSHA"))  # a fast main check: the app hash shows
+        e = make_engine(url, 1)
+        try:
+            for i in range(1, 10):
+                for label in ("phone", "laptop", "tablet"):
+                    await admin.add_app_password(e, f"user{i}@example.com", label, ["imap"])
+        finally:
+            await dispose(e)
+        order = [(k, i) for k in kinds for i in range(APP_ATTEMPTS)]
+        random.Random(11).shuffle(order)
+        async with env(url) as d:
+            for n, kind in enumerate(kinds * WARM_UP):
+                await d.directory.authenticate(creds(kind, -1 - n), CLIENT)
+            for kind, i in order:
+                start = time.perf_counter()
+                decision = await d.directory.authenticate(creds(kind, i), CLIENT)
+                times[kind].append(time.perf_counter() - start)
+                assert isinstance(decision, Reject), (kind, decision)
+
+    run(scenario())
+    effect = {k: vargha_delaney(times[k], times["three"]) for k in ("unknown", "none")}
+    print(f"app passwords: {describe(times)}; A " + ", ".join(
+        f"{k} vs three {a:.3f}" for k, a in effect.items()))  # fmt: skip
+    for kind, a in effect.items():
+        assert 1 - LARGE < a < LARGE, f"{kind} vs three: A = {a:.3f}; {describe(times)}"

@@ -207,3 +207,33 @@ def test_forward_client_sends_id_before_login(forward: bool) -> None:
         b'"x-connected-ip" "127.0.0.1" "x-connected-port" "%d"'
     ) % (client_port, proxy.port("imap"))
     assert expected in ids[0], ids[0]
+
+
+@pytest.mark.parametrize(("max_token", "reaches_auth"), [(None, False), (32768, True)])
+def test_oauth_max_token_sets_how_long_a_token_a_pop3_line_may_carry(
+    max_token: int | None, reaches_auth: bool
+) -> None:
+    """POP3's own line limit is 16 KiB; `[oauth] max_token` raises it for token logins."""
+    token = "t" * 20000  # past the default max_token (16 KiB), within 32 KiB
+    sasl = base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
+    fake = FakeAuth(lambda _req: {"Auth-Status": "Invalid login or password"})
+    with running_auth(fake) as auth:
+        config = {
+            "listener": [listener("pop3")],
+            "auth_http": {"url": auth.url, "timeout": 1.0},
+            "pop3": {"auth": ["plain", "xoauth2"]},
+        }
+        if max_token is not None:
+            config["oauth"] = {"max_token": max_token}
+        with running_proxy(config) as proxy, raw_session(proxy.port("pop3")) as sock:
+            sock.sendall(b"AUTH XOAUTH2 " + sasl + b"\r\n")
+            reply = read_until(sock, b"\r\n")
+            if reaches_auth:
+                sock.sendall(b"\r\n")  # the dummy response to the error challenge
+                reply += read_until(sock, b"-ERR")
+    asked = [r for r in fake.requests if r.get("Auth-Method") == "xoauth2"]
+    if reaches_auth:
+        assert len(asked) == 1 and len(asked[0]["Auth-Pass"]) >= len(token), reply
+        assert reply.startswith(b"+ ") and b"-ERR" in reply, reply
+    else:
+        assert not asked and reply.startswith(b"-ERR"), reply

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import re
 from collections.abc import Callable, Coroutine, Mapping
@@ -32,10 +33,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from mailgate import names
 from mailgate.auth import passwords, schema
 from mailgate.auth.dummy import Dummies
+from mailgate.auth.oauth import TokenInvalid, TokenUnavailable, TokenValidator
 from mailgate.auth.schema import dispose, engine_url, make_engine
-from mailgate.config import DirectorySettings
+from mailgate.config import DirectorySettings, OAuthSettings
 from mailgate.names import BadName
 from mailgate.values import (
+    BackendAuth,
     BackendTLS,
     ClientInfo,
     Credentials,
@@ -45,6 +48,7 @@ from mailgate.values import (
     Route,
     Secret,
     TempFail,
+    TokenChallenge,
 )
 
 __all__ = [
@@ -117,6 +121,10 @@ class UserRecord:
     master_password: Secret | None = None
     smtp_mode: str | None = None  # the mailstore's smtp_login
     pool: str | None = None  # the mailstore's [[pool]], which then chooses the host
+    oauth_only: bool = False  # the main password is refused (tokens and app passwords only)
+    app_passwords: int = 0  # how many the user has (built-in schema only)
+    oauth_login: str | None = None  # the mailstore's: "master" | "token" | None
+    protocol: str = ""  # the protocol the record was looked up for
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +152,7 @@ def scheme_of(stored: str) -> str:
 class SqlDirectory:
     """`Authenticator` over mailgate's schema or an operator's queries (settings.queries)."""
 
-    def __init__(self, settings: DirectorySettings) -> None:
+    def __init__(self, settings: DirectorySettings, oauth: OAuthSettings | None = None) -> None:
         self.settings = settings
         engine_url(settings.url)  # a bad URL fails at start, not at the first login
         q = settings.queries
@@ -153,10 +161,22 @@ class SqlDirectory:
         self._default_scheme = settings.default_scheme
         self._builtin = schema.builtin_login_query()
         self._domain = schema.builtin_domain_query()
+        self._app_passwords = schema.builtin_app_passwords_query()
+        # [oauth]: None when tokens cannot be validated (XOAUTH2/OAUTHBEARER are refused).
+        self.tokens = TokenValidator(oauth) if oauth is not None and oauth.validates else None
+        # What the error challenge to a refused token says (protocols/sasl.py writes it).
+        self._token_challenge = (
+            TokenChallenge(oauth.scope, oauth.openid_configuration) if oauth is not None else None
+        )
         self._engine: AsyncEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._dummies = Dummies(BUILTIN_SCHEME if q is None else settings.default_scheme)
+        # App passwords are always checked with one hash (they share a salt per user), and
+        # a wrong password of anyone costs that hash once any user is seen to have one:
+        # against a real app password, or a dummy of the same class (`_app_passwords`).
+        self._app_dummies = Dummies(BUILTIN_SCHEME)
+        self._app_passwords_seen = False
         # Master passwords by mailstore, from the last lookup of each: a cached master-user
         # route gets its secret here (`master_secret`), since the route cache keeps none.
         self._masters: dict[str, Secret] = {}
@@ -184,6 +204,8 @@ class SqlDirectory:
         engine, self._engine = self._engine, None
         if engine is not None:
             await dispose(engine)
+        if self.tokens is not None:
+            await self.tokens.close()
 
     # --- the decision ------------------------------------------------------------------------
 
@@ -191,6 +213,8 @@ class SqlDirectory:
         """The decision and its reason (`authenticate` logs it; `auth test` prints it)."""
         if creds.method is Method.NONE:  # SMTP relay: no user, the recipient decides
             return await self._relay(creds)
+        if creds.method.is_oauth:  # the token names the user; creds.user may be ""
+            return await self._oauth(creds, client)
         try:
             user, _ = normalise_user(creds.user, lower_local=self._custom is None)
         except BadUserName as e:
@@ -213,12 +237,17 @@ class SqlDirectory:
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, level=logging.WARNING)
-        return await self._decide(record, user, creds)
+        return await self._decide(record, user, creds, client.protocol)
 
-    async def _decide(self, record: UserRecord | None, user: str, creds: Credentials) -> Verdict:
+    async def _decide(
+        self, record: UserRecord | None, user: str, creds: Credentials, protocol: str
+    ) -> Verdict:
         stored = record.password.reveal() if record and record.password else None
         if record is None or stored is None:
             await self._check_dummy(user, creds)
+            if self._app_passwords_due(creds):  # what a wrong password costs, as below
+                with contextlib.suppress(DirectoryUnavailable):
+                    await self._check_app_passwords(user, creds, protocol)
             if record is None:
                 return Verdict(Reject(), "unknown user")
             return Verdict(Reject(identity=record.user), "no password stored")
@@ -240,8 +269,8 @@ class SqlDirectory:
             else:
                 reason = f"stored password of {user} is not a valid {scheme} value"
             return Verdict(refused, reason, level=logging.ERROR)
-        if not ok:
-            return Verdict(refused, "wrong password")
+        if not ok or record.oauth_only:
+            return await self._app_password(record, creds, main_matched=ok)
         if record.refused:  # checked after the password, so a disabled user costs the same
             return Verdict(refused, record.refused)
         return self._route(record, stored, creds)
@@ -266,15 +295,22 @@ class SqlDirectory:
 
     async def _prime(self) -> None:
         with contextlib.suppress(DirectoryUnavailable):  # then the logins teach it instead
-            for address, stored in await self._guarded(self._sample, {}):
+            sample, app_passwords = await self._guarded(self._sample, {})
+            for address, stored in sample:
                 self._dummies.remember(names.split(address)[1], stored)
+            self._app_passwords_seen = self._app_passwords_seen or app_passwords
         self._primed = True  # once, even after an outage: no login waits for it twice
 
-    async def _sample(self, engine: AsyncEngine, _: dict[str, str]) -> list[tuple[str, str]]:
+    async def _sample(
+        self, engine: AsyncEngine, _: dict[str, str]
+    ) -> tuple[list[tuple[str, str]], bool]:
+        """Stored passwords of the newest users, and whether any user has an app password."""
         async with engine.connect() as conn:
             query = schema.builtin_password_sample(PRIME_USERS)
             rows = (await conn.execute(query)).all()
-        return [(str(address), str(stored)) for address, stored in rows]
+            found = await conn.execute(schema.builtin_any_app_password())
+            app_passwords = found.first() is not None
+        return [(str(address), str(stored)) for address, stored in rows], app_passwords
 
     def canonical_name(self, raw: str) -> str:
         """The name as this directory looks it up (the route cache keys on it); BadName."""
@@ -292,9 +328,10 @@ class SqlDirectory:
         if record.problem or record.host is None or record.port is None:
             problem = record.problem or "no route"
             return Verdict(TempFail(problem), problem, level=logging.ERROR)
+        backend_auth = BackendAuth.PASSWORD
         if record.master_user and record.master_password is not None:
             login = f"{record.login}{self.settings.master_separator}{record.master_user}"
-            secret = record.master_password
+            secret, backend_auth = record.master_password, BackendAuth.MASTER
             self._masters[record.mailstore or ""] = secret
         elif creds.method in _SALTED:
             clear = passwords.cleartext(stored)
@@ -317,6 +354,7 @@ class SqlDirectory:
             record.smtp_mode,
             identity=record.user,
             pool=record.pool,
+            backend_auth=backend_auth,
         )
         # DEBUG: the session already logs one line per login; refusals are worth a line more.
         return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
@@ -358,6 +396,165 @@ class SqlDirectory:
         port = row["ms_smtp_port"] or self.settings.ports.get("smtp")
         tls = BackendTLS(row["ms_tls"]) if row["ms_tls"] else None
         return row["ms_host"], port, tls, row["ms_name"], row["ms_smtp_login"], row["ms_pool"]
+
+    # --- OAuth tokens -----------------------------------------------------------------------------
+
+    async def _oauth(self, creds: Credentials, client: ClientInfo) -> Verdict:
+        """XOAUTH2 / OAUTHBEARER: the token's username claim names a directory user, who must
+        exist and be active, and be the user the client named (if it named one)."""
+        named = creds.user or "-"
+        refused = Reject(token_challenge=self._token_challenge)
+        if self.tokens is None:
+            return Verdict(
+                refused, "token login, but [oauth] is not set up", named, logging.WARNING
+            )
+        check = await self.tokens.validate(creds.secret)
+        if isinstance(check, TokenUnavailable):
+            return Verdict(TempFail(check.reason), check.reason, named, logging.WARNING)
+        if isinstance(check, TokenInvalid):
+            return Verdict(refused, f"token refused: {check.reason}", named)
+        lower = self._custom is None
+        try:
+            user, _ = normalise_user(check.user, lower_local=lower)
+            given = normalise_user(creds.user, lower_local=lower)[0] if creds.user else user
+        except BadUserName as e:
+            return Verdict(refused, f"token refused: its user name is refused: {e}", named)
+        if given != user:
+            return Verdict(refused, f"token is for {user}, the client logged in as {given}", given)
+        try:
+            record = await self.lookup(user, client.protocol)
+        except DirectoryUnavailable as e:
+            reason = f"directory unavailable: {e}"
+            return Verdict(TempFail(reason), reason, user, logging.WARNING)
+        if record is None:
+            return Verdict(refused, f"token ok ({check.via}) but no such user", user)
+        if record.refused:
+            return Verdict(dataclasses.replace(refused, identity=record.user), record.refused, user)
+        return dataclasses.replace(self._oauth_route(record, creds), user=user)
+
+    def _oauth_route(self, record: UserRecord, creds: Credentials) -> Verdict:
+        """The mailstore's oauth_login: "master" logs in as user*master, "token" passes the
+        client's token on with the client's mechanism. Unset: master if there is one."""
+        has_master = bool(record.master_user) and record.master_password is not None
+        mode = record.oauth_login or ("master" if has_master else "token")
+        if mode == "master":
+            if not has_master:
+                problem = f"mailstore {record.mailstore} has oauth_login master but no master user"
+                return Verdict(TempFail(problem), problem, level=logging.ERROR)
+            return self._backend_route(record, BackendAuth.MASTER)
+        return self._backend_route(record, BackendAuth(creds.method.value), creds.secret)
+
+    def _backend_route(
+        self,
+        record: UserRecord,
+        how: BackendAuth,
+        token: Secret | None = None,
+        label: str | None = None,
+    ) -> Verdict:
+        """A route that logs in with the master user (how = MASTER) or the token."""
+        if record.problem or record.host is None or record.port is None:
+            problem = record.problem or "no route"
+            return Verdict(TempFail(problem), problem, level=logging.ERROR)
+        if how is BackendAuth.MASTER:
+            assert record.master_user and record.master_password is not None
+            login = f"{record.login}{self.settings.master_separator}{record.master_user}"
+            secret = record.master_password
+            self._masters[record.mailstore or ""] = secret  # for a cached app-password route
+        else:
+            assert token is not None
+            login, secret = record.login, token
+        route = Route(
+            record.host,
+            record.port,
+            login,
+            secret,
+            record.tls,
+            record.mailstore,
+            record.smtp_mode,
+            identity=record.user,
+            pool=record.pool,
+            backend_auth=how,
+            credential_label=label,
+        )
+        what = f" (app password {label!r})" if label else ""
+        reason = f"ok{what}: {record.host}:{record.port} as {login} by {how.value}"
+        return Verdict(route, reason, level=logging.DEBUG)
+
+    # --- app passwords ----------------------------------------------------------------------------
+
+    def _app_passwords_due(self, creds: Credentials) -> bool:
+        """Whether a wrong password costs an app-password check: for PLAIN and LOGIN, once any
+        user was seen to have an app password (a directory without any pays nothing)."""
+        return self._app_passwords_seen and creds.method in _APP_PASSWORD_METHODS
+
+    async def _app_password(
+        self, record: UserRecord, creds: Credentials, *, main_matched: bool
+    ) -> Verdict:
+        """The main password did not match, or may not be used: try the user's app passwords
+        for this protocol that have not expired (at most schema.MAX_APP_PASSWORDS)."""
+        refusal = (
+            "main password refused: the user is oauth-only" if main_matched else "wrong password"
+        )
+        refused = Reject(identity=record.user)
+        if record.app_passwords:
+            self._app_passwords_seen = True
+        if not self._app_passwords_due(creds):
+            return Verdict(refused, refusal)
+        protocol = record.protocol
+        try:
+            matched = await self._check_app_passwords(record.user, creds, protocol)
+        except DirectoryUnavailable as e:
+            reason = f"directory unavailable: {e}"
+            return Verdict(TempFail(reason), reason, level=logging.WARNING)
+        if matched is None:
+            return Verdict(refused, f"{refusal}, and no app password for {protocol} matched")
+        app_id, label, last_used = matched
+        if record.refused:
+            return Verdict(refused, record.refused)
+        if not record.master_user or record.master_password is None:
+            problem = f"app password ok, but mailstore {record.mailstore} has no master user"
+            return Verdict(TempFail(problem), problem, level=logging.ERROR)
+        self._touch_app_password(app_id, last_used)
+        return self._backend_route(record, BackendAuth.MASTER, label=label)
+
+    async def _check_app_passwords(
+        self, user: str, creds: Credentials, protocol: str
+    ) -> tuple[int, str, dt.datetime | None] | None:
+        """The app password of `user` that `creds` match, if any: one query and, for
+        mailgate's own values (one salt per user), one hash whatever their number; a dummy
+        of the same class when the user has none for `protocol`, or is unknown. Raises
+        DirectoryUnavailable."""
+        rows = await self._guarded(self._query_app_passwords, {"user": user})
+        domain = names.split(user)[1]
+        for row in rows:
+            self._app_dummies.remember(domain, str(row["password"]))
+        dummy = await self._app_dummies.stored_for(user, domain)
+        return await asyncio.to_thread(_match_app_password, rows, creds.secret, protocol, dummy)
+
+    async def _query_app_passwords(
+        self, engine: AsyncEngine, params: dict[str, str]
+    ) -> list[Mapping[Any, Any]]:
+        async with engine.connect() as conn:
+            return list((await conn.execute(self._app_passwords, params)).mappings().all())
+
+    def _touch_app_password(self, app_id: int, last_used: dt.datetime | None) -> None:
+        """Record when an app password was last used, at most every LAST_USED_STEP: a write
+        per login would cost more than the login. In the background; a failure is ignored."""
+        now = dt.datetime.now(dt.UTC)
+        if last_used is not None and now - _utc(last_used) < LAST_USED_STEP:
+            return
+        engine = self._current_engine()
+        update = (
+            schema.app_passwords.update()
+            .where(schema.app_passwords.c.id == app_id)
+            .values(last_used_at=now)
+        )
+
+        async def write() -> None:
+            async with asyncio.timeout(self.settings.query_timeout), engine.begin() as conn:
+                await conn.execute(update)
+
+        self._track(asyncio.ensure_future(write()))
 
     # --- the lookup ------------------------------------------------------------------------------
 
@@ -433,6 +630,10 @@ class SqlDirectory:
             master_password=Secret(master) if master is not None else None,
             smtp_mode=row["ms_smtp_login"],
             pool=row["ms_pool"],
+            oauth_only=bool(row["oauth_only"]),
+            app_passwords=int(row["app_passwords"] or 0),
+            oauth_login=row["ms_oauth_login"],
+            protocol=protocol,
         )
 
     async def _lookup_custom(
@@ -463,6 +664,7 @@ class SqlDirectory:
             port=port,
             master_user=s.master_user,
             master_password=s.master_password if s.master_user else None,
+            protocol=params["protocol"],
         )
 
     def _custom_route(
@@ -547,12 +749,55 @@ _CHECKS: dict[Method, Callable[[str, Credentials], bool]] = {
     Method.APOP: _check_apop,
 }
 _SALTED = frozenset({Method.CRAM_MD5, Method.APOP})
+# App passwords are stored hashed, so only methods that carry the password itself can use them.
+_APP_PASSWORD_METHODS = frozenset({Method.PLAIN, Method.LOGIN})
+# How stale an app password's last_used_at may get before a login writes it again.
+LAST_USED_STEP = dt.timedelta(minutes=5)
 # (column, reason) in the order a refusal is explained.
 _ACTIVE_FLAGS = (
     ("user_active", "user disabled"),
     ("domain_active", "domain disabled"),
     ("ms_active", "mailstore disabled"),
 )
+
+
+def _match_app_password(
+    rows: list[Mapping[Any, Any]], password: Secret, protocol: str, dummy: str
+) -> tuple[int, str, dt.datetime | None] | None:
+    """(id, label, last used) of an app password that is for `protocol`, has not expired
+    and matches. Values sharing a salt and cost (`passwords.salt_group`: all that mailgate
+    writes for one user) are checked with one hash; with none to check, `dummy` is checked
+    instead, so the work is the same. A worker-thread job: each hash is a full ARGON2ID."""
+    now = dt.datetime.now(dt.UTC)
+    groups: dict[str, list[Mapping[Any, Any]]] = {}
+    for row in rows:
+        expires = row["expires_at"]
+        if protocol not in str(row["protocols"]).split():
+            continue
+        if expires is not None and _utc(expires) <= now:
+            continue
+        stored = str(row["password"])
+        groups.setdefault(passwords.salt_group(stored) or f"row {row['id']}", []).append(row)
+    if not groups:
+        with contextlib.suppress(ValueError):
+            passwords.verify(dummy, password)
+        return None
+    for group in groups.values():
+        try:
+            index = passwords.verify_group([str(row["password"]) for row in group], password)
+        except (passwords.UnknownScheme, passwords.MalformedHash):
+            labels = ", ".join(repr(row["label"]) for row in group)
+            log.error("directory: app password %s has an unusable stored hash", labels)
+            continue
+        if index is not None:
+            row = group[index]
+            return int(row["id"]), str(row["label"]), row["last_used_at"]
+    return None
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """SQLite and MariaDB hand back naive datetimes; mailgate writes them in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 async def _run_check(creds: Credentials, stored: str) -> bool:

@@ -16,11 +16,11 @@ def build_source(settings: Settings) -> Authenticator:
     if settings.directory is not None:
         from mailgate.auth.directory import SqlDirectory
 
-        return SqlDirectory(settings.directory)
+        return SqlDirectory(settings.directory, settings.oauth)
     if settings.auth_http is not None:
         from mailgate.auth.http import AuthHttpClient
 
-        return AuthHttpClient(settings.auth_http)
+        return AuthHttpClient(settings.auth_http, settings.oauth)
     raise ValueError("no [auth_http] or [directory] configured")
 
 

@@ -11,6 +11,12 @@ escaping), so services written for nginx work unchanged. Three deliberate differ
   failure. The HTTP status is read as nginx reads it, which is not at all: many nginx auth
   locations answer 204 (or even 500) with the Auth-* headers, and the headers decide.
 
+OAuth logins (a mailgate extension of nginx's protocol; nginx has no such methods) go the same
+way: `Auth-Method: xoauth2` or `oauthbearer`, the bearer token in `Auth-Pass`, escaped as any
+secret, `Auth-User` the SASL user ("" for OAUTHBEARER without an authzid). An OK answer with
+`Auth-Pass` is a password login as usual (a master user, say); one without passes the token on,
+logging in to the backend with the client's mechanism (`Route.backend_auth`).
+
 The two halves are pure functions (`build_request_headers`, `parse_response`) so they can be
 tested without sockets; `AuthHttpClient` only moves bytes and maps failures to `TempFail`.
 """
@@ -27,8 +33,9 @@ from functools import lru_cache
 from yarl import URL
 
 from mailgate.auth.http11 import HttpPool
-from mailgate.config import AuthHttpSettings
+from mailgate.config import AuthHttpSettings, OAuthSettings
 from mailgate.values import (
+    BackendAuth,
     ClientInfo,
     Credentials,
     Decision,
@@ -38,6 +45,7 @@ from mailgate.values import (
     Secret,
     TempFail,
     TlsInfo,
+    TokenChallenge,
 )
 
 log = logging.getLogger("mailgate.auth.http")
@@ -199,6 +207,8 @@ def _route(h: Mapping[str, str], creds: Credentials) -> Decision:
         return TempFail(f"auth_http sent an invalid Auth-Port {port_text[:20]!r}")
     # Auth-User and Auth-Pass are used as given, never percent-decoded (as nginx does).
     given_pass = h.get("auth-pass")
+    user = h.get("auth-user") or creds.user
+    backend_auth = BackendAuth.PASSWORD
     if given_pass:
         secret = Secret(given_pass)
     elif creds.method in _SALTED:
@@ -206,12 +216,22 @@ def _route(h: Mapping[str, str], creds: Credentials) -> Decision:
         return TempFail(f"auth_http sent no Auth-Pass for {creds.method.value}")
     else:
         secret = creds.secret
-    return Route(host=host, port=port, user=h.get("auth-user") or creds.user, secret=secret)
+        if creds.method.is_oauth:  # the token goes on, for the backend to validate
+            backend_auth = BackendAuth(creds.method.value)
+    if not user and creds.method.is_oauth:  # OAUTHBEARER without an authzid, nobody named
+        return TempFail("auth_http answered OK for a token login without Auth-User")
+    return Route(host=host, port=port, user=user, secret=secret, backend_auth=backend_auth)
 
 
-def parse_response(status: int, headers: Mapping[str, str], creds: Credentials) -> Decision:
+def parse_response(
+    status: int,
+    headers: Mapping[str, str],
+    creds: Credentials,
+    challenge: TokenChallenge | None = None,
+) -> Decision:
     """Turn an auth_http answer into a decision. Header names are matched case-insensitively
-    and, as in nginx, the last of repeated headers wins; the status code decides nothing."""
+    and, as in nginx, the last of repeated headers wins; the status code decides nothing.
+    `challenge` goes with a refused token login ([oauth] scope and issuer)."""
     h = {name.lower(): value for name, value in headers.items()}
     auth_status = h.get("auth-status")
     if auth_status is None:
@@ -224,9 +244,10 @@ def parse_response(status: int, headers: Mapping[str, str], creds: Credentials) 
     code = h.get("auth-error-code")
     if code is not None and not _ERROR_CODE.fullmatch(code):
         code = None  # it would go on the SMTP wire: a "250" must never turn a refusal into success
+    said = challenge if creds.method.is_oauth else None
     if not auth_status:
-        return Reject(wait=wait, error_code=code)
-    return Reject(message=auth_status, wait=wait, error_code=code)
+        return Reject(wait=wait, error_code=code, token_challenge=said)
+    return Reject(message=auth_status, wait=wait, error_code=code, token_challenge=said)
 
 
 # --- the client --------------------------------------------------------------------------
@@ -235,9 +256,9 @@ def parse_response(status: int, headers: Mapping[str, str], creds: Credentials) 
 class AuthHttpClient:
     """An `Authenticator` asking an auth_http service over pooled keep-alive connections."""
 
-    __slots__ = ("_closed", "_pool", "_settings", "_url")
+    __slots__ = ("_challenge", "_closed", "_pool", "_settings", "_url")
 
-    def __init__(self, settings: AuthHttpSettings) -> None:
+    def __init__(self, settings: AuthHttpSettings, oauth: OAuthSettings | None = None) -> None:
         # Validate now (start-up), so a bad url or header fails the config check, not a login.
         self._url = parse_url(settings.url)
         for name, value in settings.headers:
@@ -246,6 +267,10 @@ class AuthHttpClient:
         if settings.timeout <= 0:
             raise ValueError("auth_http timeout must be positive")
         self._settings = settings
+        # What a refused token's error challenge says; the auth service decides the rest.
+        self._challenge = (
+            TokenChallenge(oauth.scope, oauth.openid_configuration) if oauth is not None else None
+        )
         self._pool: HttpPool | None = None  # created in the running loop
         self._closed = False
 
@@ -274,7 +299,7 @@ class AuthHttpClient:
         headers = build_request_headers(creds, client, self._settings)
         deadline = asyncio.get_running_loop().time() + self._settings.timeout
         answer = await self._get_pool().get(headers, deadline)
-        return parse_response(answer.status, answer.headers, creds)
+        return parse_response(answer.status, answer.headers, creds, self._challenge)
 
     async def close(self) -> None:
         self._closed = True

@@ -164,6 +164,85 @@ def hash_password(password: Secret, scheme: str = "ARGON2ID") -> str:
     raise UnknownScheme(f"cannot make {scheme!r} hashes")
 
 
+# --- values sharing a salt: app passwords -----------------------------------------------------
+#
+# A user's app passwords are tried one after another when the main password does not match.
+# With a salt of its own each, N of them would cost N ARGON2ID hashes, so a wrong password
+# would cost more for users with many (and tell who has some). mailgate writes all of one
+# user's app passwords with one salt and cost (`hash_like`), so one hash of the presented
+# password is compared with every one of them (`verify_group`).
+
+
+def salt_group(stored: str) -> str | None:
+    """What the hash of an {ARGON2ID}/{ARGON2I} value depends on besides the password (its
+    type, version, cost, salt and length): values with the same group are checked with one
+    hash. None for any other scheme or a value that does not parse."""
+    scheme, _, value = stored.partition("}")
+    if scheme.upper() not in ("{ARGON2ID", "{ARGON2I") or value.count("$") != 5:
+        return None
+    head, _, digest = value.rpartition("$")
+    return f"{scheme.upper()}}}{head}${len(digest)}"
+
+
+def verify_group(values: list[str], password: Secret) -> int | None:
+    """The index of the value `password` matches among `values`, None if none. Values of
+    one `salt_group` take one hash; other values are verified one by one."""
+    group = salt_group(values[0])
+    if group is None or any(salt_group(v) != group for v in values):
+        return next((i for i, v in enumerate(values) if verify(v, password)), None)
+    params, salt, _ = _argon2_parts(values[0])
+    computed = argon2.low_level.hash_secret_raw(
+        _bytes(password),
+        salt,
+        time_cost=params.time_cost,
+        memory_cost=params.memory_cost,
+        parallelism=params.parallelism,
+        hash_len=params.hash_len,
+        type=params.type,
+        version=params.version,
+    )
+    found = None
+    for index, value in enumerate(values):  # compare with all: no early exit to time
+        if _equal(computed, _argon2_parts(value)[2]) and found is None:
+            found = index
+    return found
+
+
+def hash_like(template: str, password: Secret) -> str:
+    """A new value for `password` in `template`'s salt group (the same ARGON2 type, cost
+    and salt), so `verify_group` checks both with one hash. MalformedHash if `template`
+    is not an ARGON2 value."""
+    if salt_group(template) is None:
+        raise MalformedHash("hash_like: the template is not an ARGON2 value")
+    params, salt, _ = _argon2_parts(template)
+    encoded = argon2.low_level.hash_secret(
+        _bytes(password),
+        salt,
+        time_cost=params.time_cost,
+        memory_cost=params.memory_cost,
+        parallelism=params.parallelism,
+        hash_len=params.hash_len,
+        type=params.type,
+        version=params.version,
+    )
+    return template[: template.index("}") + 1] + encoded.decode("ascii")
+
+
+def _argon2_parts(stored: str) -> tuple[argon2.Parameters, bytes, bytes]:
+    """(parameters, salt, digest) of an {ARGON2...}$argon2...$ value; MalformedHash."""
+    value = stored[stored.index("}") + 1 :]
+    try:
+        params = argon2.extract_parameters(value)
+        salt, digest = (_unpadded_b64(part) for part in value.split("$")[4:6])
+    except (argon2.exceptions.InvalidHashError, ValueError):
+        raise MalformedHash("ARGON2: not a valid argon2 hash") from None
+    return params, salt, digest
+
+
+def _unpadded_b64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
 @cache
 def dummy_hash() -> str:
     """An ARGON2ID hash of a random value: verify against it for unknown users, so a login for a

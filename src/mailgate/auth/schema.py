@@ -36,7 +36,9 @@ from sqlalchemy import (
     String,
     Table,
     TextClause,
+    UniqueConstraint,
     bindparam,
+    false,
     func,
     inspect,
     select,
@@ -60,6 +62,14 @@ MAX_HOST = 255  # RFC 1035 host name length
 TLS_MODES = ("none", "starttls", "implicit")
 # The bind parameters a configured query may use.
 QUERY_PARAMS = frozenset({"user", "domain", "protocol"})
+# Version 4: how an OAuth login reaches a mailstore ("master": user*master with the master
+# password; "token": the client's token, for the mailstore to validate itself).
+OAUTH_LOGINS = ("master", "token")
+# App passwords one user may have. Each is a password hash to check when the main password
+# does not match (ARGON2ID: ~20 ms of CPU), so the cap bounds the work of one failed login.
+MAX_APP_PASSWORDS = 16
+MAX_LABEL = 64
+APP_PASSWORD_PROTOCOLS = ("imap", "pop3", "smtp")
 
 metadata = MetaData()
 
@@ -119,6 +129,9 @@ mailstores = Table(
     # Version 2: how to hand an SMTP session to this mailstore ("xclient" or "auth");
     # NULL: [backend] smtp_mode.
     Column("smtp_login", String(16), nullable=True),
+    # Version 4: "master" | "token" (OAUTH_LOGINS); NULL: master when the mailstore has a
+    # master user, else token.
+    Column("oauth_login", String(16), nullable=True),
     # Version 5: a [[pool]] of the config that chooses the host for this mailstore's users
     # (host and ports are then not used); NULL: host and ports, as before.
     Column("pool", String(MAX_NAME), nullable=True),
@@ -152,6 +165,26 @@ users = Table(
     Column("mailstore_id", Integer, ForeignKey("mailstores.id"), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, default=_now),
     Column("updated_at", DateTime(timezone=True), nullable=False, default=_now, onupdate=_now),
+    # Version 4: the main password is refused; only OAuth tokens and app passwords log in.
+    Column("oauth_only", Boolean, nullable=False, default=False, server_default=false()),
+    mysql_charset="utf8mb4",
+)
+
+# Version 4: extra passwords per user, each limited to some protocols and perhaps a date, for
+# clients that cannot do OAuth. Stored hashed like the main password ("{SCHEME}...").
+app_passwords = Table(
+    "app_passwords",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("label", String(MAX_LABEL), nullable=False),
+    Column("password", String(MAX_PASSWORD), nullable=False),
+    Column("protocols", String(32), nullable=False),  # space-separated: "imap smtp"
+    Column("expires_at", DateTime(timezone=True), nullable=True),  # NULL: never
+    Column("created_at", DateTime(timezone=True), nullable=False, default=_now),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    # Also the index the login query uses to find a user's app passwords.
+    UniqueConstraint("user_id", "label", name="app_passwords_user_label"),
     mysql_charset="utf8mb4",
 )
 
@@ -288,12 +321,24 @@ def _renames(
     return renames
 
 
+def _v4(conn: Connection) -> None:
+    """OAuth logins and app passwords: mailstores.oauth_login, users.oauth_only, app_passwords."""
+    found = inspect(conn)
+    if "oauth_login" not in {c["name"] for c in found.get_columns(mailstores.name)}:
+        conn.execute(text("ALTER TABLE mailstores ADD COLUMN oauth_login VARCHAR(16) NULL"))
+    if "oauth_only" not in {c["name"] for c in found.get_columns(users.name)}:
+        # FALSE is a keyword in SQLite (3.23+), MariaDB and PostgreSQL alike.
+        conn.execute(text("ALTER TABLE users ADD COLUMN oauth_only BOOLEAN NOT NULL DEFAULT FALSE"))
+    metadata.create_all(conn, tables=[app_passwords])  # only when missing
+
+
 # (version, step): each step takes the schema from version - 1 to version. Append only.
 MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = (
     (1, _v1),
     (2, _v2),
     (3, _v3),
-    (5, _v5),  # 4 is the OAuth columns (issue 10): merged before this one
+    (4, _v4),
+    (5, _v5),
 )
 SMTP_LOGINS = ("xclient", "auth")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -350,13 +395,23 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
 
     One round trip per login. The user's own mailstore (a moved mailbox) wins over the
     domain's; both joins are outer so a user whose domain row is missing still comes back
-    (and is refused with a reason in the log rather than as "unknown user").
+    (and is refused with a reason in the log rather than as "unknown user"). The count of
+    app passwords saves the second query for the users (most) who have none.
     """
     ms = mailstores
+    n_app_passwords = (
+        select(func.count())
+        .where(app_passwords.c.user_id == users.c.id)
+        .correlate(users)
+        .scalar_subquery()
+    )
     return (
         select(
             users.c.address,
             users.c.password,
+            users.c.oauth_only,
+            n_app_passwords.label("app_passwords"),
+            ms.c.oauth_login.label("ms_oauth_login"),
             users.c.active.label("user_active"),
             domains.c.active.label("domain_active"),
             ms.c.name.label("ms_name"),
@@ -383,6 +438,30 @@ def builtin_password_sample(limit: int) -> Select[str, str]:
     """The newest users' addresses and stored passwords: the directory learns from them
     which schemes and costs its users have (auth/dummy.py keeps only those, not the hashes)."""
     return select(users.c.address, users.c.password).order_by(users.c.id.desc()).limit(limit)
+
+
+def builtin_any_app_password() -> Select[tuple[int]]:
+    """One row if any user has an app password (then every wrong password costs an
+    app-password check, so no user stands out by timing)."""
+    return select(app_passwords.c.id).limit(1)
+
+
+def builtin_app_passwords_query() -> Select[tuple[object, ...]]:
+    """A user's app passwords, at most MAX_APP_PASSWORDS (admin refuses more), oldest first."""
+    return (
+        select(
+            app_passwords.c.id,
+            app_passwords.c.label,
+            app_passwords.c.password,
+            app_passwords.c.protocols,
+            app_passwords.c.expires_at,
+            app_passwords.c.last_used_at,
+        )
+        .join(users, users.c.id == app_passwords.c.user_id)
+        .where(users.c.address == bindparam("user"))
+        .order_by(app_passwords.c.id)
+        .limit(MAX_APP_PASSWORDS)
+    )
 
 
 def builtin_domain_query() -> Select[tuple[object, ...]]:

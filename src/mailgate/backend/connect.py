@@ -78,27 +78,36 @@ def make_core(
     proxy_ttl: int | None = None,
 ) -> LoginCore:
     """The login core for this route; an SMTP login replays what the client said (`creds`).
-    `proxy_ttl`: the hops left for the backend (IMAP ID "x-proxy-ttl", with forward_client)."""
+    `proxy_ttl`: the hops left for the backend (IMAP ID "x-proxy-ttl", with forward_client).
+
+    A token route (`route.backend_auth` XOAUTH2 / OAUTHBEARER) logs in with that mechanism,
+    and on SMTP with AUTH whatever the mode: the point is that the backend sees the token.
+    Master-user and password routes log in with the [backend] mechanism."""
     starttls = (route.tls or opts.tls) is BackendTLS.STARTTLS
     forward = client if opts.forward_client else None
+    token = route.backend_auth.value if route.backend_auth.is_token else None
     if protocol == "imap":
+        mechanism = token or opts.imap_auth
         return ImapLogin(
             route.user,
             route.secret,
             starttls=starttls,
-            mechanism=opts.imap_auth,
+            mechanism=mechanism,
             forward=forward,
             proxy_ttl=proxy_ttl,
         )
     if protocol == "pop3":
+        mechanism = token or opts.pop3_auth
         return Pop3Login(
-            route.user, route.secret, starttls=starttls, mechanism=opts.pop3_auth, forward=forward
+            route.user, route.secret, starttls=starttls, mechanism=mechanism, forward=forward
         )
     if protocol == "smtp":
         relay = creds.method is Method.NONE  # "auth none": no password, the envelope decides
         mode = route.smtp_mode or opts.smtp_mode
         if relay and mode == "auth":
             mode = "none"  # a relay client has no password to AUTH with
+        if token is not None:
+            mode = "auth"
         return SmtpLogin(
             helo_name=opts.helo_name,
             user="" if relay else route.user,
@@ -109,6 +118,7 @@ def make_core(
             forward=client if mode == "xclient" else forward,
             client_helo=creds.smtp_helo,
             envelope=creds.envelope if relay else (),
+            token_mechanism=token,
         )
     raise ValueError(f"no backend login core for {protocol}")
 

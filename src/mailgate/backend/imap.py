@@ -5,6 +5,10 @@ forwarding of the client's address:
 
     greeting  ->  [STARTTLS, TLS]  ->  [ID (...)] + LOGIN | AUTHENTICATE PLAIN  ->  tagged OK
 
+A token route logs in with AUTHENTICATE XOAUTH2 or OAUTHBEARER (the initial response on the
+command line when the backend advertises SASL-IR, else after its "+"); a refused token gets
+the backend's error challenge "+ <base64>", our dummy response, then the tagged NO.
+
 The backend speaks first, so there is no `start()`: the driver feeds bytes to `receive` and
 performs the events it gets back until `BackendReady` or `BackendFailed`. ID is pipelined with
 the login command (RFC 3501 section 5.5 lets a client pipeline) and its result is ignored.
@@ -18,7 +22,7 @@ from enum import Enum, auto
 from typing import ClassVar
 
 from mailgate.backend import LoginFailure, forwardable
-from mailgate.backend.core import DEFAULT_MAX_LINE, LoginCore
+from mailgate.backend.core import DEFAULT_MAX_LINE, TOKEN_MECHANISMS, LoginCore
 from mailgate.protocols.events import BackendEvent, BackendReady, Send, StartTLS
 from mailgate.values import ClientInfo, Secret
 
@@ -30,7 +34,7 @@ TAG_STARTTLS = b"mg1"
 TAG_ID = b"mg2"
 TAG_LOGIN = b"mg3"
 
-MECHANISMS = frozenset({"login", "plain"})
+MECHANISMS = frozenset({"login", "plain", *TOKEN_MECHANISMS})
 
 # RFC 5530 codes on a tagged NO that mean "try again later", not "wrong credentials".
 TEMPORARY_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG", b"INUSE", b"LIMIT"})
@@ -113,6 +117,7 @@ class ImapLogin(LoginCore):
 
     __slots__ = (
         "_caps",
+        "_challenge",
         "_continued",
         "_forward",
         "_mechanism",
@@ -138,7 +143,8 @@ class ImapLogin(LoginCore):
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown IMAP backend mechanism {mechanism!r}")
-        super().__init__(user, secret, ImapState.GREETING, max_line)
+        token = mechanism if mechanism in TOKEN_MECHANISMS else None
+        super().__init__(user, secret, ImapState.GREETING, max_line, token)
         self._starttls = starttls
         self._mechanism = mechanism
         self._forward = forward
@@ -147,6 +153,7 @@ class ImapLogin(LoginCore):
         self._sent_chunks = 0  # pieces of the login command sent so far (literals split it)
         self._skip = 0  # literal bytes of an untagged response still to be discarded
         self._continued = False  # the next line continues an untagged response after a literal
+        self._challenge: bytes | None = None  # a token route's error challenge, base64
 
     def _after_tls(self) -> list[BackendEvent]:
         self._caps = frozenset()  # RFC 3501 6.2.1: capabilities seen before TLS are void
@@ -217,7 +224,11 @@ class ImapLogin(LoginCore):
             self._state = ImapState.DONE
             return [BackendReady(reply=line[len(tag) + 1 :], trailing=self._buf.take_all())]
         if status == b"NO":
-            raise LoginFailure(_code(text) in TEMPORARY_CODES, "backend refused the login", line)
+            temporary = _code(text) in TEMPORARY_CODES
+            refusal = None
+            if self._token_mechanism is not None and not temporary:  # its verdict on the token
+                refusal = self._token_refusal(self._challenge or b"")
+            raise LoginFailure(temporary, "backend refused the login", line, refusal)
         if status == b"BAD":
             raise LoginFailure(True, "backend rejected the login command", line)
         raise LoginFailure(True, "malformed backend reply", line)
@@ -240,6 +251,12 @@ class ImapLogin(LoginCore):
     def _begin_login(self) -> list[BackendEvent]:
         if self._mechanism == "login" and b"LOGINDISABLED" in self._caps:
             raise LoginFailure(True, "backend advertises LOGINDISABLED")
+        # A backend that lists its mechanisms without ours would refuse the token as if it
+        # were bad: a configuration problem, so temporary. One that lists none may yet take it.
+        wanted = b"AUTH=" + self._mechanism.upper().encode()
+        listed = any(cap.startswith(b"AUTH=") for cap in self._caps)
+        if self._token_mechanism and listed and wanted not in self._caps:
+            raise LoginFailure(True, f"backend does not advertise {wanted.decode()}")
         chunks = self._login_chunks()
         self._state = ImapState.LOGIN
         self._sent_chunks = 1
@@ -248,6 +265,10 @@ class ImapLogin(LoginCore):
     def _continue_login(self, line: bytes) -> list[BackendEvent]:
         chunks = self._login_chunks()
         if self._sent_chunks >= len(chunks):
+            if self._token_mechanism is not None and self._challenge is None:
+                # RFC 7628 3.2.2: the token is refused; the tagged NO follows our dummy.
+                self._challenge = line[2:]
+                return [Send(self._dummy_response())]
             raise LoginFailure(True, "unexpected continuation from backend", line)
         self._sent_chunks += 1
         return [Send(chunks[self._sent_chunks - 1])]
@@ -271,6 +292,11 @@ class ImapLogin(LoginCore):
 
     def _login_chunks(self) -> list[bytes]:
         """The login command, split where a synchronising literal must wait for "+"."""
+        if self._token_mechanism is not None:
+            verb = TAG_LOGIN + b" AUTHENTICATE " + self._mechanism.upper().encode()
+            if b"SASL-IR" in self._caps:
+                return [verb + b" " + self._token_blob() + b"\r\n"]
+            return [verb + b"\r\n", self._token_blob() + b"\r\n"]
         user, password = self._credentials()
         if self._mechanism == "plain":
             blob = self._plain_blob()

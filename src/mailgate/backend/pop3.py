@@ -5,6 +5,10 @@ forwarding of the client's address:
 
     greeting  ->  [STLS, TLS]  ->  [XCLIENT]  ->  USER + PASS | AUTH PLAIN  ->  +OK
 
+A token route logs in with AUTH XOAUTH2 or OAUTHBEARER (RFC 5034; the response after the "+",
+since a token does not fit a 255-octet command); a refused token gets the backend's error
+challenge "+ <base64>", our dummy response, then -ERR.
+
 The backend speaks first, so there is no `start()`. Each command waits for its reply: POP3 only
 allows pipelining when the server advertises PIPELINING (RFC 2449), and we never ask for CAPA.
 The password is revealed only while the command bytes are built and is never kept as bytes.
@@ -17,7 +21,7 @@ from enum import Enum, auto
 from typing import ClassVar
 
 from mailgate.backend import LoginFailure, forwardable
-from mailgate.backend.core import DEFAULT_MAX_LINE, LoginCore
+from mailgate.backend.core import DEFAULT_MAX_LINE, TOKEN_MECHANISMS, LoginCore
 from mailgate.protocols.events import BackendEvent, BackendReady, Send, StartTLS
 from mailgate.values import ClientInfo, Secret
 
@@ -25,7 +29,7 @@ from mailgate.values import ClientInfo, Secret
 # response (RFC 5034) is sent as "AUTH PLAIN" and the response after the "+" instead.
 MAX_COMMAND = 255
 
-MECHANISMS = frozenset({"user", "plain"})
+MECHANISMS = frozenset({"user", "plain", *TOKEN_MECHANISMS})
 
 # RFC 2449/3206 response codes on -ERR that mean "try again later". [AUTH], [SYS/PERM] and an
 # -ERR without a code mean the login itself was refused: many servers answer a wrong password
@@ -42,6 +46,8 @@ class Pop3State(Enum):
     PASS = auto()  # sent PASS, waiting for the verdict
     AUTH_CHALLENGE = auto()  # sent "AUTH PLAIN", waiting for "+ " to send the response
     AUTH = auto()  # sent the PLAIN response, waiting for the verdict
+    TOKEN = auto()  # sent the token, waiting for the verdict or an error challenge
+    TOKEN_REFUSED = auto()  # answered the error challenge, waiting for the -ERR
     DONE = auto()  # BackendReady or BackendFailed was returned
 
 
@@ -64,7 +70,7 @@ def _code(line: bytes) -> bytes:
 class Pop3Login(LoginCore):
     """Log in to a POP3 backend as `user` with `secret`. See the module docstring."""
 
-    __slots__ = ("_forward", "_mechanism", "_starttls")
+    __slots__ = ("_challenge", "_forward", "_mechanism", "_starttls")
 
     DONE = Pop3State.DONE
     TLS_PENDING = Pop3State.TLS_PENDING
@@ -81,10 +87,12 @@ class Pop3Login(LoginCore):
     ) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"unknown POP3 backend mechanism {mechanism!r}")
-        super().__init__(user, secret, Pop3State.GREETING, max_line)
+        token = mechanism if mechanism in TOKEN_MECHANISMS else None
+        super().__init__(user, secret, Pop3State.GREETING, max_line, token)
         self._starttls = starttls
         self._mechanism = mechanism
         self._forward = forward
+        self._challenge = b""  # a token route's error challenge, base64
 
     # --- handlers, one per state ---------------------------------------------------------
 
@@ -124,8 +132,23 @@ class Pop3Login(LoginCore):
         if _status(line) != b"+":
             self._verdict(line)  # -ERR raises; a +OK before the response is nonsense
             raise LoginFailure(True, "backend accepted AUTH without a response", line)
+        if self._token_mechanism is not None:
+            self._state = Pop3State.TOKEN
+            return [Send(self._token_blob() + b"\r\n")]
         self._state = Pop3State.AUTH
         return [Send(self._plain_blob() + b"\r\n")]
+
+    def _on_token(self, line: bytes) -> list[BackendEvent]:
+        if _status(line) == b"+":  # RFC 7628 3.2.2: refused; the -ERR follows our dummy
+            self._challenge = line[2:]
+            self._state = Pop3State.TOKEN_REFUSED
+            return [Send(self._dummy_response())]
+        return self._on_verdict(line)
+
+    def _on_token_refused(self, line: bytes) -> list[BackendEvent]:
+        if _status(line) == b"+OK":  # a backend that logs in after refusing: not to be trusted
+            raise LoginFailure(True, "backend accepted a token it had refused", line)
+        return self._on_verdict(line)
 
     def _on_verdict(self, line: bytes) -> list[BackendEvent]:
         self._verdict(line)
@@ -141,6 +164,8 @@ class Pop3Login(LoginCore):
         Pop3State.PASS: _on_verdict,
         Pop3State.AUTH_CHALLENGE: _on_challenge,
         Pop3State.AUTH: _on_verdict,
+        Pop3State.TOKEN: _on_token,
+        Pop3State.TOKEN_REFUSED: _on_token_refused,
     }
 
     # --- helpers ---------------------------------------------------------------------------
@@ -152,7 +177,10 @@ class Pop3Login(LoginCore):
             return
         if status == b"-ERR":
             temporary = _code(line) in TEMPORARY_CODES
-            raise LoginFailure(temporary, "backend refused the login", line)
+            refusal = None
+            if self._token_mechanism is not None and not temporary:  # its verdict on the token
+                refusal = self._token_refusal(self._challenge)
+            raise LoginFailure(temporary, "backend refused the login", line, refusal)
         raise LoginFailure(True, "malformed backend reply", line)
 
     def _after_tls(self) -> list[BackendEvent]:
@@ -174,6 +202,10 @@ class Pop3Login(LoginCore):
 
     def _send_login(self) -> list[BackendEvent]:
         user = self._user.encode("utf-8", "surrogateescape")
+        if self._token_mechanism is not None:
+            self._token_blob()  # refuses a token it cannot send before anything is sent
+            self._state = Pop3State.AUTH_CHALLENGE
+            return [Send(b"AUTH " + self._mechanism.upper().encode() + b"\r\n")]
         if self._mechanism == "plain":
             blob = self._plain_blob()
             command = b"AUTH PLAIN " + blob + b"\r\n"

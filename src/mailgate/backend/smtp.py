@@ -6,6 +6,8 @@ What nginx's ngx_mail_proxy_module does for SMTP, plus STARTTLS to the backend a
          xclient: XCLIENT ADDR=.. PORT=.. NAME=.. HELO=.. LOGIN=.. PROTO=..  ->  220  ->  EHLO
                   with the client's HELO name
          auth:    AUTH PLAIN <base64>  ->  235
+                  (a token route: AUTH XOAUTH2 | OAUTHBEARER  ->  334  ->  <base64>  ->  235;
+                  refused: 334 <error challenge>  ->  our dummy response  ->  535)
          none:    nothing (the backend trusts us)
     ->  the client's envelope replayed line by line (relay: MAIL FROM, RCPT TO)  ->  BackendReady
 
@@ -57,7 +59,7 @@ class SmtpLoginState(Enum):
     STARTTLS = auto()  # sent STARTTLS, waiting for "220"
     TLS_PENDING = auto()  # asked the driver for TLS, waiting for tls_started()
     XCLIENT = auto()  # sent an XCLIENT command, waiting for "220" (or "250" before Postfix 2.3)
-    AUTH = auto()  # sent AUTH PLAIN, waiting for "235" (or "334" without initial response)
+    AUTH = auto()  # sent AUTH, waiting for "235" (or "334": send the response, or refused)
     ENVELOPE = auto()  # sent an envelope line, waiting for its "250"
     DONE = auto()  # BackendReady or BackendFailed was returned
 
@@ -109,6 +111,7 @@ class SmtpLogin(LoginCore):
 
     __slots__ = (
         "_caps",
+        "_challenge",
         "_client_helo",
         "_envelope",
         "_forward",
@@ -138,10 +141,13 @@ class SmtpLogin(LoginCore):
         client_helo: str | None,
         envelope: tuple[bytes, ...] = (),
         max_line: int = DEFAULT_MAX_LINE,
+        token_mechanism: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown SMTP backend mode {mode!r}")
-        super().__init__(user, secret, SmtpLoginState.GREETING, max_line)
+        if token_mechanism is not None and mode != "auth":
+            raise ValueError("a token is passed on with AUTH: mode must be 'auth'")
+        super().__init__(user, secret, SmtpLoginState.GREETING, max_line, token_mechanism)
         self._helo_name = helo_name
         self._mode = mode
         self._starttls = starttls
@@ -154,6 +160,7 @@ class SmtpLogin(LoginCore):
         self._sent = 0  # envelope lines sent so far
         self._tls_done = False
         self._xclient_done = False
+        self._challenge: bytes | None = None  # a token route's error challenge, base64
 
     def _after_tls(self) -> list[BackendEvent]:
         """EHLO again (RFC 3207 section 4.2): what the server said before TLS is void."""
@@ -216,14 +223,19 @@ class SmtpLogin(LoginCore):
         return self._next_xclient()
 
     def _on_auth(self, reply: Reply) -> list[BackendEvent]:
+        token = self._token_mechanism is not None
         if reply.code == 334 and self._queue:
             return [Send(self._queue.pop())]  # the response to an empty challenge
-        if reply.code == 235:
+        if reply.code == 334 and token and self._challenge is None:
+            self._challenge = reply.last[4:]  # RFC 7628 3.2.2: refused; 535 follows our dummy
+            return [Send(self._dummy_response())]
+        if reply.code == 235 and self._challenge is None:
             return self._next_envelope(reply)
         # 535 is the backend's verdict on the credentials; any other refusal means we (or it)
         # are misconfigured, which is never the user's fault.
         temporary = reply.code != 535
-        raise LoginFailure(temporary, "backend refused the login", reply.last)
+        refusal = self._token_refusal(self._challenge or b"") if token and not temporary else None
+        raise LoginFailure(temporary, "backend refused the login", reply.last, refusal)
 
     def _on_envelope(self, reply: Reply) -> list[BackendEvent]:
         if reply.code // 100 != 2:
@@ -309,8 +321,14 @@ class SmtpLogin(LoginCore):
         return values[name]
 
     def _auth(self) -> list[BackendEvent]:
-        if "PLAIN" not in self._caps.get("AUTH", ()):
-            raise LoginFailure(True, "backend does not offer AUTH PLAIN")
+        mechanism = (self._token_mechanism or "plain").upper()
+        if mechanism not in self._caps.get("AUTH", ()):
+            raise LoginFailure(True, f"backend does not offer AUTH {mechanism}")
+        if self._token_mechanism is not None:
+            # Never on the AUTH line: Dovecot's submission service takes only ~1 KiB there.
+            self._queue = [self._token_blob() + CRLF]
+            self._state = SmtpLoginState.AUTH
+            return [Send(b"AUTH " + mechanism.encode() + CRLF)]
         blob = self._plain_blob()
         self._state = SmtpLoginState.AUTH
         command = b"AUTH PLAIN " + blob + CRLF

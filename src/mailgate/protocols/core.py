@@ -13,6 +13,8 @@ What lives here, once (nginx keeps it in ngx_mail_read_command and ngx_mail_auth
 - the login: numbering attempts, holding pipelined input (bounded by `max_pipelined`) while the
   driver decides, counting every failed attempt (temporary ones too) against
   `max_auth_attempts`, and handing over `trailing` bytes at success;
+- an OAuth refusal (RFC 7628 3.2.2): the error challenge the outcome carries, the client's one
+  dummy response (any line), then the failure reply, counted as one failed login;
 - TLS: plaintext behind STARTTLS is never parsed, and the buffer is emptied at the upgrade.
 
 Sans-I/O: nothing here touches a socket or a clock.
@@ -75,6 +77,7 @@ class PreAuthCore:
         "_failures",
         "_first_byte",
         "_policy",
+        "_refusal",
         "_salt",
         "_sasl",
         "_tls",
@@ -98,9 +101,10 @@ class PreAuthCore:
     def __init__(self, policy: PreAuthPolicy, salt: str) -> None:
         self._policy = policy
         self._salt = salt  # CRAM-MD5 challenge / APOP timestamp, "<...@host>"
-        self._buf = LineBuffer(policy.max_line)
+        self._buf = LineBuffer(policy.line_limit)  # room for a bearer token when one is on
         self._tls = policy.tls_active
         self._sasl: SaslServer | None = None
+        self._refusal: Rejected | None = None  # sent after the dummy response to a challenge
         self._errors = 0  # refused commands so far, against policy.max_errors
         self._attempts = 0  # Authenticate events so far: the attempt number nginx sends
         self._failures = 0  # logins that did not succeed, against policy.max_auth_attempts
@@ -182,6 +186,16 @@ class PreAuthCore:
             self.state = State.LOGGED_IN
             self.trailing = self._buf.take_all()
             return [Send(self._success_reply(outcome))]
+        if isinstance(outcome, Rejected) and outcome.challenge is not None:
+            # RFC 7628 3.2.2: the error challenge now; the client answers it with a dummy
+            # response (`_sasl_line`), and only then comes the failure reply.
+            self._refusal = dataclasses.replace(outcome, challenge=None)
+            self.state = State.SASL
+            return [Send(self._challenge(outcome.challenge))]
+        return self._login_refused(outcome)
+
+    def _login_refused(self, outcome: LoginOutcome) -> list[Event]:
+        """The failure reply to a login; every failure counts, temporary ones too."""
         self._failures += 1
         if isinstance(outcome, Rejected):
             reply = self._rejected_reply(outcome)
@@ -253,6 +267,7 @@ class PreAuthCore:
     def _reset(self) -> None:
         """Back to reading commands: no SASL exchange (or literal) in progress."""
         self._sasl = None
+        self._refusal = None
         if self.state in READING:
             self.state = State.COMMAND
 
@@ -301,12 +316,15 @@ class PreAuthCore:
 
     def _start_sasl(self, mechanism: str, initial: bytes | None) -> list[Event]:
         """AUTHENTICATE / AUTH with `mechanism` (wire name, checked by the caller)."""
-        self._sasl = new_server(mechanism, self._salt)
+        self._sasl = new_server(mechanism, self._salt, self._policy.max_token)
         # An empty initial response ("=" in RFC 4959 and 4954, or nothing after the space, as
         # mutt sends it) gets the mechanism's first challenge, as Dovecot and nginx answer.
         return self._sasl_step(initial or None)
 
     def _sasl_line(self, line: bytes) -> list[Event]:
+        if self._refusal is not None:  # the dummy response to an error challenge: any line
+            refusal, self._refusal = self._refusal, None  # ("*" too: the failure follows)
+            return self._login_refused(refusal)
         if line == b"*":  # RFC 9051 6.2.2, RFC 5034 4, RFC 4954 4
             raise self._cancelled()
         return self._sasl_step(self._decode(line))

@@ -88,6 +88,9 @@ class Rejected:
 
     message: str
     error_code: str | None = None  # SMTP only: e.g. "535 5.7.8"
+    # An OAuth login's error challenge (RFC 7628 3.2.2, the JSON before base64): sent first,
+    # the client's one dummy response read, and only then the failure reply.
+    challenge: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,13 @@ POST_AUTH_COMMANDS = frozenset(
 )
 # Config names of the SASL mechanisms and their wire names. "login" enables both the LOGIN
 # command and AUTHENTICATE LOGIN (nginx advertises AUTH=LOGIN for it).
-_SASL_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5"}
+_SASL_NAMES = {
+    "plain": "PLAIN",
+    "login": "LOGIN",
+    "cram-md5": "CRAM-MD5",
+    "xoauth2": "XOAUTH2",
+    "oauthbearer": "OAUTHBEARER",
+}
 # Capabilities the core decides itself; a policy capability that names one is dropped.
 _CORE_CAPS = frozenset(
     {"IMAP4REV1", "LITERAL+", "LITERAL-", "SASL-IR", "ID", "STARTTLS", "LOGINDISABLED"}

@@ -34,7 +34,13 @@ KNOWN_ELSEWHERE = frozenset(
     {"NOOP", "STAT", "LIST", "RETR", "DELE", "RSET", "TOP", "UIDL", "LAST", "UTF8", "LANG"}
 )
 # Config names of the SASL mechanisms, in the order CAPA and AUTH list them.
-_SASL_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5"}
+_SASL_NAMES = {
+    "plain": "PLAIN",
+    "login": "LOGIN",
+    "cram-md5": "CRAM-MD5",
+    "xoauth2": "XOAUTH2",
+    "oauthbearer": "OAUTHBEARER",
+}
 # CAPA lines the core owns; a policy capability with the same name is not repeated.
 _CORE_CAPS = frozenset({"USER", "SASL", "STLS", "IMPLEMENTATION"})
 

@@ -40,7 +40,13 @@ from mailgate.values import CloseReason, Credentials, Method, Secret
 # cross-protocol attack) gets one reply and a close instead of a budget of errors.
 FORBIDDEN = frozenset({b"GET", b"POST", b"PUT", b"HEAD", b"CONNECT"})
 # Config names of the SASL mechanisms, in the order EHLO lists them.
-_SASL_NAMES = {"plain": "PLAIN", "login": "LOGIN", "cram-md5": "CRAM-MD5"}
+_SASL_NAMES = {
+    "plain": "PLAIN",
+    "login": "LOGIN",
+    "cram-md5": "CRAM-MD5",
+    "xoauth2": "XOAUTH2",
+    "oauthbearer": "OAUTHBEARER",
+}
 # EHLO keywords the core owns; a policy capability with the same keyword is not repeated.
 _CORE_CAPS = frozenset({"STARTTLS", "AUTH"})
 

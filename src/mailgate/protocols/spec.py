@@ -68,7 +68,7 @@ IMAP = ProtocolSpec(
     ),
     boundary=ImapBoundary,
     normal_end=_imap_end,
-    auth_methods=("login", "plain", "cram-md5"),
+    auth_methods=("login", "plain", "cram-md5", "xoauth2", "oauthbearer"),
     default_auth=("login", "plain"),
     # What Dovecot advertises before login; the backend's own list is passed on after login.
     default_capabilities=("IMAP4rev1", "IDLE", "ENABLE"),
@@ -90,7 +90,7 @@ POP3 = ProtocolSpec(
     ),
     boundary=Pop3Boundary,
     normal_end=_pop3_end,
-    auth_methods=("user", "apop", "plain", "login", "cram-md5"),
+    auth_methods=("user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"),
     default_auth=("user", "plain"),
     default_capabilities=("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"),
     default_greeting="mailgate ready.",
@@ -112,7 +112,7 @@ SMTP = ProtocolSpec(
     ),
     boundary=SmtpBoundary,
     normal_end=_smtp_end,
-    auth_methods=("plain", "login", "cram-md5", "none"),
+    auth_methods=("plain", "login", "cram-md5", "none", "xoauth2", "oauthbearer"),
     default_auth=("plain", "login"),
     # 35882577 is nginx's and Postfix's customary SIZE; an operator sets the backend's own.
     default_capabilities=("SIZE 35882577", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),

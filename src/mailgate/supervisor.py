@@ -125,6 +125,7 @@ class Supervisor:
         if self.settings.pid_file is not None:
             self.settings.pid_file.write_text(f"{os.getpid()}\n")
         sdnotify.ready(f"{len(self.workers)} workers")
+        log.info("ready: %d workers (pid %d)", len(self.workers), os.getpid())
         try:
             await self._stop.wait()
         finally:

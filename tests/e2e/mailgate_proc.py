@@ -12,10 +12,12 @@ stderr is the log; tests read it from a file. `stop()` sends SIGTERM and insists
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +42,9 @@ POLL_INTERVAL = 0.05
 # TCP state "0A" in /proc/net/tcp{,6}: LISTEN.
 _TCP_LISTEN = "0A"
 _SESSION = re.compile(r" INFO mailgate\.session\[\d+\]: (?P<message>\w+ client=\S+ .*)$")
+
+
+_NOTIFY_SERIAL = itertools.count()
 
 
 class MailgateError(RuntimeError):
@@ -213,7 +218,8 @@ def listening(port: int) -> bool:
 def start_mailgate(
     workdir: Path, listeners: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]
 ) -> MailgateProcess:
-    """Write workdir/mailgate.toml, start mailgate, return once every listener listens.
+    """Write workdir/mailgate.toml, start mailgate, return once it says every worker is
+    ready (its sockets listen before: the kernel queues connections until a worker takes them).
 
     `listeners` maps a name of your choice to a [[listener]] table without `listen`; each gets
     a free port on 127.0.0.1, found in `.ports[name]`.
@@ -227,6 +233,11 @@ def start_mailgate(
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
     }
+    # Ready is when the supervisor says so, as systemd hears it (sd_notify READY=1, once
+    # every worker is): its sockets listen before, the kernel queueing until a worker is up.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"\0mailgate-test-{os.getpid()}-{next(_NOTIFY_SERIAL)}")
+    env["NOTIFY_SOCKET"] = "@" + notify.getsockname()[1:].decode()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mailgate", "serve", "-c", str(config_path)],
@@ -238,14 +249,27 @@ def start_mailgate(
         )
     mg = MailgateProcess(proc, config_path, log_path, ports)
     deadline = time.monotonic() + READY_TIMEOUT
-    while not all(listening(p) for p in ports.values()):
-        if not mg.alive() or time.monotonic() > deadline:
-            if mg.alive():
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(STOP_TIMEOUT)
-            raise MailgateError(f"mailgate did not start (exit {proc.poll()}):\n{mg.log_tail()}")
-        time.sleep(POLL_INTERVAL)
+
+    with notify:
+        while not _told_ready(notify):
+            if not mg.alive() or time.monotonic() > deadline:
+                if mg.alive():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(STOP_TIMEOUT)
+                raise MailgateError(
+                    f"mailgate did not start (exit {proc.poll()}):\n{mg.log_tail()}"
+                )
+    assert all(listening(p) for p in ports.values()), mg.log_tail()
     return mg
+
+
+def _told_ready(notify: socket.socket) -> bool:
+    """Whether a datagram saying READY=1 came within a poll interval."""
+    notify.settimeout(POLL_INTERVAL)
+    try:
+        return b"READY=1" in notify.recv(4096).split(b"\n")
+    except TimeoutError:
+        return False
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ def pool_config(auth_url: str, pool: dict[str, Any]) -> dict[str, Any]:
 
 
 def on_every_worker(
-    mg: MailgateProcess, login: Callable[[str], tuple[str, float]], tries: int = 80
+    mg: MailgateProcess, login: Callable[[str], tuple[str, float]], tries: int = 200
 ) -> list[tuple[str, float]]:
     """Log in on fresh connections until both workers served at least two logins (the log's
     session lines name the worker's pid); returns every (result, seconds)."""
@@ -120,7 +120,7 @@ def test_the_operators_drain_holds_in_every_worker_and_sessions_are_summed(
                 assert two.accepted > before, "the member came back for the users it owns"
 
 
-def hold_sessions(mg: MailgateProcess, tries: int = 40) -> list[imaplib.IMAP4]:
+def hold_sessions(mg: MailgateProcess, tries: int = 100) -> list[imaplib.IMAP4]:
     """Logged-in sessions held open, new connections until both workers hold two."""
     held: list[imaplib.IMAP4] = []
     for i in range(tries):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from mailgate import __version__, logsetup
@@ -16,10 +14,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load(args.config)
-    if settings.metrics_listen and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Workers count and the supervisor serves: prometheus_client's multiprocess mode,
-        # which must be set before prometheus_client is first imported (by the server module).
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mailgate-metrics-")
     from mailgate import server
 
     if not settings.listeners:

@@ -89,6 +89,8 @@ def _clean(raw: str) -> str:
     name = raw.strip(TRIM)
     if not name:
         raise BadName("empty user name")
+    if name.isascii() and name.isprintable():
+        return name  # the common case: no refused character, and NFC changes nothing
     _check_characters(name)
     return unicodedata.normalize("NFC", name)
 
@@ -118,7 +120,8 @@ _KINDS = {
 def _lower(text: str) -> str:
     # lower(), not casefold(): casefold turns "ß" into "ss", merging names a mailbox keeps
     # apart. NFC again because lower-casing may decompose ("İ" -> "i" + U+0307).
-    return unicodedata.normalize("NFC", text.lower())
+    lowered = text.lower()
+    return lowered if lowered.isascii() else unicodedata.normalize("NFC", lowered)
 
 
 def _local(local: str, lower: bool) -> str:
@@ -129,8 +132,9 @@ def _local(local: str, lower: bool) -> str:
 
 
 def _domain(domain: str) -> str:
-    labels = [_u_label(label) for label in _lower(domain).split(".")]
-    domain = ".".join(labels)
+    domain = _lower(domain)
+    if ACE_PREFIX in domain:
+        domain = ".".join(_u_label(label) for label in domain.split("."))
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise BadName(f"domain longer than {MAX_DOMAIN} octets")
     return domain

@@ -59,9 +59,13 @@ class Channel(asyncio.BufferedProtocol):
         "transport",
     )
 
-    def __init__(self, on_made: Callable[[Channel], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_made: Callable[[Channel], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop  # given by who creates it: a lookup costs a getpid in 3.11
         self.on_made = on_made  # called once connected (the worker admits the session there)
         self.on_lost: Callable[[], None] | None = None  # called once the descriptor is closed
         # The PROXY protocol header the connection began with (the real client), if any.
@@ -82,7 +86,8 @@ class Channel(asyncio.BufferedProtocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(SEND_BUFFER)
-        self._loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         if self.on_made is not None:
             self.on_made(self)
 
@@ -254,6 +259,34 @@ async def _until(
         await future
     finally:
         timer.cancel()
+
+
+class Deadline:
+    """`with Deadline(loop, when):` raises TimeoutError in the current task at `when` (loop
+    time): asyncio.timeout_at without its per-use bookkeeping (two getpid calls and half a
+    dozen Python calls each, on the login path several times). Like asyncio's, it cancels the
+    task and turns that cancellation, and only that one, into TimeoutError."""
+
+    __slots__ = ("_fired", "_handle", "_task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None, "Deadline outside a task"
+        self._task = task
+        self._fired = False
+        self._handle = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def __enter__(self) -> Deadline:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        self._handle.cancel()
+        if self._fired and kind is asyncio.CancelledError and self._task.uncancel() == 0:
+            raise TimeoutError from None
 
 
 def expire_waiter(waiter: asyncio.Future[None]) -> None:

@@ -129,8 +129,9 @@ class Relay:
         normal_end: Callable[[bytes, bytes], bool],
         on_done: Callable[[Relay], None],
         on_client_lost: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.boundary = boundary
         self.client = _Side(self, client, boundary.client)
         self.backend = _Side(self, backend, boundary.server)

@@ -168,6 +168,7 @@ class Worker:
             self.router.state.restore(self.health)
         self.router.start()
         servers = await self._listen(store)
+        metrics.flush_every(loop)
         self.ready = True
         if self.link is not None:
             self.link.notify("ready", os.getpid())
@@ -178,6 +179,7 @@ class Worker:
             await self._shutdown(servers, self.settings.shutdown_timeout)
         await self.router.close()
         await authenticator.close()
+        metrics.flush()
         if self.link is not None:
             self.link.close()
 
@@ -218,7 +220,7 @@ class Worker:
                 continue
             servers.append(
                 await loop.create_server(
-                    functools.partial(Channel, functools.partial(self._accept, ctx)),
+                    functools.partial(Channel, functools.partial(self._accept, ctx), loop),
                     sock=sock,
                     backlog=BACKLOG,
                 )
@@ -429,7 +431,7 @@ class Acceptor:
                         return
                     handshaking = True
             await self.loop.connect_accepted_socket(
-                functools.partial(Channel, made),
+                functools.partial(Channel, made, self.loop),
                 sock=conn,
                 ssl=ctx.server_tls if self.tls else None,
                 ssl_handshake_timeout=ctx.handshake_timeout if self.tls else None,

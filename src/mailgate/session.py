@@ -33,7 +33,7 @@ from mailgate.backend.connect import BackendConnection, BackendError, BackendOpt
 from mailgate.backend.connect import make_core as make_login_core
 from mailgate.backend.routing import BackendRouter, NoBackend, Plan, Target, affinity_key
 from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
-from mailgate.netio import Channel, exchange
+from mailgate.netio import Channel, Deadline, exchange
 from mailgate.networks import NetworkList
 from mailgate.protocols.core import PreAuthCore
 from mailgate.protocols.events import (
@@ -200,11 +200,12 @@ class Session:
     async def run(self) -> None:
         ctx, chan = self.ctx, self.chan
         ctx.sessions.preauth.add(self)
-        metrics.ACTIVE_PREAUTH.inc()
+        metrics.add(metrics.ACTIVE_PREAUTH, 1)
         relayed = False
         try:
             deadline = chan.loop.time() + ctx.protocol.login_timeout
-            relayed = await self._preauth(deadline)
+            with Deadline(chan.loop, deadline):  # the whole login phase, whatever it waits on
+                relayed = await self._preauth(deadline)
         except _Refused:
             pass  # the reason is set, the refusal logged
         except TimeoutError:
@@ -223,7 +224,7 @@ class Session:
             chan.write(ctx.spec.goodbyes.unavailable)
         finally:
             ctx.sessions.preauth.discard(self)
-            metrics.ACTIVE_PREAUTH.dec()
+            metrics.add(metrics.ACTIVE_PREAUTH, -1)
             if not relayed:
                 if self.lease is not None:  # counted, but the session never got relayed
                     _release_soon(ctx.store, self.lease)
@@ -258,7 +259,7 @@ class Session:
             # Like nginx, read nothing more while the login is decided: what the client sends
             # meanwhile waits in the kernel and is relayed after a successful login.
             chan.hold()
-            outcome, backend = await self._login(event.credentials, deadline)
+            outcome, backend = await self._login(event.credentials)
             pipelined = chan.take()
             if pipelined:
                 core.feed(pipelined)
@@ -312,16 +313,11 @@ class Session:
             ctx.handshakes.end(ip)
         self.client = _client_info(self.chan, ctx.listener.protocol)
 
-    async def _login(
-        self, creds: Credentials, deadline: float
-    ) -> tuple[LoginOutcome, BackendConnection | None]:
+    async def _login(self, creds: Credentials) -> tuple[LoginOutcome, BackendConnection | None]:
         self.attempts = creds.attempt
         self.user = creds.user
         try:
-            async with asyncio.timeout_at(deadline):
-                decision = await self.ctx.authenticator.authenticate(creds, self.client)
-        except TimeoutError:
-            raise
+            decision = await self.ctx.authenticator.authenticate(creds, self.client)
         except Exception as e:  # an authenticator must not raise; treat it as an outage
             log.error("authenticator raised %s for %s", type(e).__name__, _safe(creds.user))
             decision = TempFail("authenticator raised")
@@ -329,8 +325,7 @@ class Session:
         if isinstance(decision, Route):
             if not await self._lease(decision):
                 return Limited(), None
-            async with asyncio.timeout_at(deadline):
-                outcome, connection = await self._backend_login(decision, creds)
+            outcome, connection = await self._backend_login(decision, creds)
             if connection is None:
                 await self._release()
             return outcome, connection
@@ -442,10 +437,11 @@ class Session:
             normal_end=ctx.spec.normal_end,
             on_done=functools.partial(record.done, ctx.sessions),
             on_client_lost=chan.detach(),
+            loop=chan.loop,
         )
         record.relay = relay
         ctx.sessions.relays[relay] = record
-        metrics.ACTIVE_RELAY.inc()
+        metrics.add(metrics.ACTIVE_RELAY, 1)
         relay.start(self.core.trailing, backend.trailing)
 
 
@@ -509,7 +505,7 @@ class SessionRecord:
         if self.release is not None:
             self.release()
             self.release = None
-        metrics.ACTIVE_RELAY.dec()
+        metrics.add(metrics.ACTIVE_RELAY, -1)
         if self.lease is not None:
             lease, self.lease = self.lease, None
             _release_soon(self.store, lease)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -87,6 +88,7 @@ class Supervisor:
         self._exit_code = 0
         self._stop: asyncio.Event | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._metrics_dir: str | None = None  # multiprocess metrics, removed at exit
         # Backend health, one truth for the node: the active checks run here, the workers'
         # passive events come here, and every change goes out to every worker.
         self.router: BackendRouter | None = None
@@ -107,11 +109,14 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.reloading = asyncio.Lock()
+        if self.settings.metrics_listen:
+            self._metrics_dir = metrics.use_multiprocess()
         self._bind(self.settings)
         self._announce(self.settings)
         self.router = self._router(self.settings)
         if self.settings.metrics_listen:
             metrics.serve(self.settings.metrics_listen)
+        metrics.flush_every(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn_task(self.reload()))
@@ -137,6 +142,8 @@ class Supervisor:
             self._close_control()
             for sock in self.sockets.values():
                 sock.close()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
             if self.settings.pid_file is not None:
                 with contextlib.suppress(OSError):
                     self.settings.pid_file.unlink()

@@ -168,6 +168,24 @@ class Route:
     # the label of an app password, never the secret; None for the main password or a token.
     credential_label: str | None = None
 
+    def with_secret(self, secret: Secret) -> Route:
+        """This route with another secret (the route cache keeps none): dataclasses.replace,
+        by hand, because a cache hit does it on every login and replace() costs a getattr
+        per field. tests/unit/test_values.py checks that it keeps every field."""
+        return Route(
+            self.host,
+            self.port,
+            self.user,
+            secret,
+            self.tls,
+            self.mailstore,
+            self.smtp_mode,
+            self.identity,
+            self.pool,
+            self.backend_auth,
+            self.credential_label,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class TokenChallenge:

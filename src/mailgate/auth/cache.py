@@ -118,7 +118,7 @@ class Cached:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return replace(entry.route, secret=secret)
+        return entry.route.with_secret(secret)
 
     def _secret(self, entry: _Entry, creds: Credentials) -> Secret | None:
         if entry.secret_from is SecretFrom.CLIENT:

@@ -8,6 +8,7 @@ XCLIENT and the login itself share `login_timeout`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from mailgate.backend.imap import ImapLogin
 from mailgate.backend.pop3 import Pop3Login
 from mailgate.backend.smtp import SmtpLogin
-from mailgate.netio import Channel, exchange
+from mailgate.netio import Channel, Deadline, exchange
 from mailgate.protocols.events import BackendFailed, BackendReady, Rejected
 from mailgate.values import BackendTLS, ClientInfo, Credentials, Method, Route
 
@@ -138,9 +139,9 @@ async def login(
     loop = asyncio.get_running_loop()
     where = f"{route.host}:{route.port}"
     try:
-        async with asyncio.timeout(opts.connect_timeout):
+        with Deadline(loop, loop.time() + opts.connect_timeout):
             _, channel = await loop.create_connection(
-                Channel,
+                functools.partial(Channel, None, loop),
                 route.host,
                 route.port,
                 ssl=opts.tls_context if mode is BackendTLS.IMPLICIT else None,

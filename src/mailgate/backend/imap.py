@@ -17,6 +17,7 @@ The password is revealed only while the command bytes are built and is never kep
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import ClassVar
@@ -58,10 +59,17 @@ class ImapState(Enum):
     LOGIN = auto()  # sent [ID and] the login command, waiting for its tagged reply
     DONE = auto()  # BackendReady or BackendFailed was returned
 
+    # Members are singletons: hash them by identity, in C (Enum's own __hash__ is Python
+    # code, and states are dict keys and set members on every byte the cores read).
+    __hash__ = object.__hash__
+
+
+_QUOTABLE = re.compile(rb"[\x20-\x7e]*")
+
 
 def _quotable(arg: bytes) -> bool:
     """RFC 3501 quoted: 7-bit text without CR/LF. Controls go as literals to be safe."""
-    return all(0x20 <= byte <= 0x7E for byte in arg)
+    return _QUOTABLE.fullmatch(arg) is not None
 
 
 def _quote(arg: bytes) -> bytes:

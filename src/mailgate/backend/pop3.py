@@ -50,6 +50,10 @@ class Pop3State(Enum):
     TOKEN_REFUSED = auto()  # answered the error challenge, waiting for the -ERR
     DONE = auto()  # BackendReady or BackendFailed was returned
 
+    # Members are singletons: hash them by identity, in C (Enum's own __hash__ is Python
+    # code, and states are dict keys and set members on every byte the cores read).
+    __hash__ = object.__hash__
+
 
 def _status(line: bytes) -> bytes:
     """b"+OK", b"-ERR", b"+" (a SASL continuation) or b"" for anything else."""

@@ -63,6 +63,10 @@ class SmtpLoginState(Enum):
     ENVELOPE = auto()  # sent an envelope line, waiting for its "250"
     DONE = auto()  # BackendReady or BackendFailed was returned
 
+    # Members are singletons: hash them by identity, in C (Enum's own __hash__ is Python
+    # code, and states are dict keys and set members on every byte the cores read).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:

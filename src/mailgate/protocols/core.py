@@ -55,6 +55,10 @@ class State(Enum):
     LOGGED_IN = "logged-in"  # the relay takes over; `trailing` holds pipelined bytes
     CLOSED = "closed"
 
+    # Members are singletons: hash them by identity, in C (Enum's own __hash__ is Python
+    # code, and states are dict keys and set members on every byte the cores read).
+    __hash__ = object.__hash__
+
 
 # States in which buffered input is parsed; in the others it is held (AUTHENTICATING), dropped
 # (TLS_PENDING, CLOSED) or handed to the relay (LOGGED_IN).
@@ -353,4 +357,6 @@ class PreAuthCore:
         """A complete login: hold everything else until the driver reports the outcome."""
         self._attempts += 1
         self.state = State.AUTHENTICATING
-        return [Authenticate(dataclasses.replace(creds, attempt=self._attempts))]
+        if creds.attempt != self._attempts:  # the first attempt is numbered 1 already
+            creds = dataclasses.replace(creds, attempt=self._attempts)
+        return [Authenticate(creds)]

@@ -153,9 +153,12 @@ class CommandAssembler:
         return data
 
 
+_NOT_TEXT = re.compile("[^ -~]+")
+
+
 def text(message: str, limit: int) -> bytes:
     """resp-text made from `message`: printable ASCII only (no CR or LF), at most `limit` long."""
-    return "".join(c for c in message if " " <= c <= "~")[:limit].strip().encode("ascii")
+    return _NOT_TEXT.sub("", message)[:limit].strip().encode("ascii")
 
 
 def is_atom(data: bytes) -> bool:

@@ -46,7 +46,7 @@ class Boundary(Protocol):
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("count", "eof", "lost", "peer", "relay", "tail", "transport", "watch")
+    __slots__ = ("count", "eof", "linger", "lost", "peer", "relay", "tail", "transport", "watch")
 
     def __init__(
         self, relay: Relay, transport: asyncio.Transport, watch: Callable[[bytes], None]
@@ -59,6 +59,9 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.tail = b""
+        # The abort if a close does not finish within LINGER; cancelled when it does, so a
+        # closed session is freed at once, not LINGER seconds later.
+        self.linger: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
@@ -94,6 +97,9 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         self.relay.side_lost(self)
         self.relay.descriptor_closed(self)
 
@@ -210,9 +216,9 @@ class Relay:
 
     def _close(self) -> None:
         for side in (self.client, self.backend):
-            if not side.lost:
+            if not side.lost and side.linger is None:
                 side.transport.close()  # flushes what is buffered first, for LINGER at most
-                self.loop.call_later(LINGER, _abort_if_open, side)
+                side.linger = self.loop.call_later(LINGER, _abort_if_open, side)
 
     def _finish(self) -> None:
         if self._done:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -223,6 +224,10 @@ class Supervisor:
         sockets = self._sockets_for(settings)
         sys.stdout.flush()
         sys.stderr.flush()
+        # What the supervisor holds (modules, config) goes to the collector's permanent
+        # generation: a worker's collections then never touch it, so they stay cheap and do
+        # not copy the shared pages on write.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # the worker: it never returns into the supervisor's loop
             ours.close()

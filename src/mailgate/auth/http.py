@@ -71,6 +71,8 @@ _SALTED = frozenset({Method.CRAM_MD5, Method.APOP})
 # ngx_escape_uri(NGX_ESCAPE_MAIL_AUTH): control bytes, space and "%"; plus DEL and 8-bit (above).
 _ESCAPED = frozenset(range(0x21)) | {0x25} | frozenset(range(0x7F, 0x100))
 _ESCAPE_TABLE = tuple(f"%{b:02X}" if b in _ESCAPED else chr(b) for b in range(256))
+# The same set as one character class: the common value has none of them, found in C.
+_NEEDS_ESCAPE = re.compile(rb"[\x00-\x20%\x7f-\xff]")
 # For the headers nginx sends unescaped, when a value is not valid UTF-8 (see _clean).
 _CTL_TABLE = tuple(f"%{b:02X}" if b < 0x20 or b >= 0x7F else chr(b) for b in range(256))
 _CTL = re.compile(r"[\x00-\x1f\x7f]")
@@ -91,7 +93,7 @@ def escape_mail_auth(value: str) -> str:
     Values are str decoded with surrogateescape, so non-UTF-8 bytes go out exactly as received.
     """
     raw = value.encode("utf-8", "surrogateescape")
-    if raw.isascii() and not any(b in _ESCAPED for b in raw):
+    if _NEEDS_ESCAPE.search(raw) is None:
         return value
     return "".join(_ESCAPE_TABLE[b] for b in raw)
 

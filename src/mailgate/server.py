@@ -124,8 +124,12 @@ class Worker:
         link: socket.socket | None = None,
         index: int = 0,
         health: dict[str, Any] | None = None,
+        server_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
+        # Made by the supervisor for all the workers of a generation (shared ticket keys);
+        # None: made here (a worker run on its own, as the tests do).
+        self.server_tls = server_tls
         self.handle_signals = handle_signals
         self.sockets = sockets
         self.link_socket = link
@@ -198,7 +202,7 @@ class Worker:
     async def _listen(self, store: Store) -> list[asyncio.Server | Acceptor]:
         loop = asyncio.get_running_loop()
         assert self.authenticator is not None
-        server_tls = tls.server_context(self.settings.tls)
+        server_tls = self.server_tls or tls.server_context(self.settings.tls)
         backend = backend_options(self.settings)
         servers: list[asyncio.Server | Acceptor] = []
         for listener, sock in zip(self.settings.listeners, self.sockets, strict=True):
@@ -559,10 +563,13 @@ def run_worker(
     link: socket.socket | None,
     index: int,
     health: dict[str, Any] | None = None,
+    server_tls: ssl.SSLContext | None = None,
 ) -> None:
     loop = new_loop()
     try:
-        worker = Worker(settings, sockets, link=link, index=index, health=health)
+        worker = Worker(
+            settings, sockets, link=link, index=index, health=health, server_tls=server_tls
+        )
         loop.run_until_complete(worker.run())
     finally:
         loop.close()

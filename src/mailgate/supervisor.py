@@ -26,12 +26,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailgate import config, logsetup, metrics, sdnotify
+from mailgate import config, logsetup, metrics, sdnotify, tls
 from mailgate.backend.pools import HealthEvent
 from mailgate.backend.routing import BackendRouter
 from mailgate.config import ConfigError, ListenerSettings, Settings
@@ -66,6 +67,9 @@ class WorkerProcess:
     link: Link
     settings: Settings
     ready: asyncio.Future[None]
+    # The listeners' TLS context, made once per generation before the forks: every worker
+    # then has the same session-ticket keys, so a client resumes on whichever worker.
+    server_tls: ssl.SSLContext | None = None
     draining: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -215,11 +219,16 @@ class Supervisor:
 
     async def _start_generation(self, settings: Settings) -> list[WorkerProcess]:
         self.generation += 1
-        started = [await self._fork(index, settings) for index in range(settings.workers)]
+        server_tls = tls.server_context(settings.tls)
+        started = [
+            await self._fork(index, settings, server_tls) for index in range(settings.workers)
+        ]
         await asyncio.wait_for(asyncio.gather(*(w.ready for w in started)), timeout=READY_TIMEOUT)
         return started
 
-    async def _fork(self, index: int, settings: Settings) -> WorkerProcess:
+    async def _fork(
+        self, index: int, settings: Settings, server_tls: ssl.SSLContext | None
+    ) -> WorkerProcess:
         ours, theirs = pair()
         sockets = self._sockets_for(settings)
         sys.stdout.flush()
@@ -232,7 +241,7 @@ class Supervisor:
         if pid == 0:  # the worker: it never returns into the supervisor's loop
             ours.close()
             snapshot = self.router.state.snapshot() if self.router is not None else {}
-            self._become_worker(settings, sockets, theirs, index, snapshot)
+            self._become_worker(settings, sockets, theirs, index, snapshot, server_tls)
         theirs.close()
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         worker: WorkerProcess | None = None
@@ -242,7 +251,7 @@ class Supervisor:
 
         link = await link_connect(ours, handle, f"worker {pid}")
         link.closed_callback = self._reap_soon
-        worker = WorkerProcess(pid, index, self.generation, link, settings, ready)
+        worker = WorkerProcess(pid, index, self.generation, link, settings, ready, server_tls)
         self.workers[pid] = worker
         return worker
 
@@ -253,6 +262,7 @@ class Supervisor:
         link: socket.socket,
         index: int,
         health: dict[str, Any],
+        server_tls: ssl.SSLContext | None,
     ) -> None:
         from mailgate.server import run_worker
 
@@ -265,7 +275,7 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_IGN)  # the supervisor's business
             asyncio.events._set_running_loop(None)  # a fresh loop of its own
             self._close_inherited(sockets, link)
-            run_worker(settings, sockets, link, index, health)
+            run_worker(settings, sockets, link, index, health, server_tls)
         except BaseException:  # a worker must never return into the supervisor's loop
             log.exception("worker failed")
             code = 1
@@ -343,7 +353,7 @@ class Supervisor:
             code,
             gone,
         )
-        self._spawn_task(self._fork(worker.index, worker.settings))
+        self._spawn_task(self._fork(worker.index, worker.settings, worker.server_tls))
 
     async def _stop_all(self) -> None:
         for worker in list(self.workers.values()):

@@ -21,6 +21,8 @@ FLUSH_INTERVAL = 1.0  # seconds, between a worker's hand-overs (server.py)
 
 # (metric, *labels) -> amount not yet handed to prometheus_client (a Gauge's is a delta).
 _pending: dict[tuple[Any, ...], float] = {}
+# ((histogram, *labels), seconds) observed and not yet handed over.
+_observed: list[tuple[tuple[Any, ...], float]] = []
 
 
 class _FlushFirst(Collector):
@@ -60,6 +62,20 @@ ACTIVE = Gauge(
     "Sessions open now, by phase",
     ["phase"],
     multiprocess_mode="livesum",
+)
+AUTH_DURATION = Histogram(
+    "mailgate_auth_duration_seconds",
+    "Time the authenticator took to decide a login (auth service or directory, route cache"
+    " and throttle checks included; not the throttle's delay), by protocol and result"
+    " (ok, rejected, tempfail)",
+    ["protocol", "result"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+TLS_HANDSHAKE_FAILURES = Counter(
+    "mailgate_tls_handshake_failures_total",
+    "TLS handshakes with clients that failed or timed out, by protocol and kind"
+    " (implicit, starttls)",
+    ["protocol", "kind"],
 )
 ACTIVE_PREAUTH = (ACTIVE, "preauth")  # for add(): +1 when a session starts, -1 when it ends
 ACTIVE_RELAY = (ACTIVE, "relay")
@@ -148,15 +164,26 @@ def flush_every(loop: asyncio.AbstractEventLoop, interval: float = FLUSH_INTERVA
     loop.call_later(interval, tick)
 
 
+def observe(histogram: Histogram, seconds: float, *labels: str) -> None:
+    _observed.append(((histogram, *labels), seconds))
+
+
 def flush() -> None:
     """Hand the pending amounts to prometheus_client."""
+    while _observed:
+        key, seconds = _observed.pop()
+        _child(key).observe(seconds)
     while _pending:
         key, amount = _pending.popitem()
-        child = _children.get(key)
-        if child is None:
-            child = _children[key] = key[0].labels(*key[1:])
         if amount:
-            child.inc(amount)  # a Gauge's inc() takes a negative delta too
+            _child(key).inc(amount)  # a Gauge's inc() takes a negative delta too
+
+
+def _child(key: tuple[Any, ...]) -> Any:
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = key[0].labels(*key[1:])
+    return child
 
 
 def use_multiprocess() -> str | None:

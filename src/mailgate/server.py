@@ -174,8 +174,11 @@ class Worker:
         self.router.start()
         servers = await self._listen(store)
         metrics.flush_every(loop)
+        self._sweep_every(loop, sweep_interval(self.settings))
         # Everything made so far lives as long as the worker: out of the collector's way (a
         # full collection over the modules' objects was a pause of tens of milliseconds).
+        # Garbage of the start-up goes first: frozen, it could never be collected.
+        gc.collect()
         gc.freeze()
         self.ready = True
         if self.link is not None:
@@ -234,6 +237,13 @@ class Worker:
                 )
             )
         return servers
+
+    def _sweep_every(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        def sweep() -> None:
+            self.sessions.sweep_idle(loop.time())
+            loop.call_later(interval, sweep)
+
+        loop.call_later(interval, sweep)
 
     def _accept(self, ctx: ListenerContext, chan: Channel) -> None:
         """A plaintext connection (STARTTLS listeners included) is made."""
@@ -447,6 +457,8 @@ class Acceptor:
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
             log.debug("TLS handshake with %s failed: %s", ip, type(e).__name__)
             metrics.count(metrics.SESSIONS, ctx.listener.protocol, "tls handshake failed")
+            if self.tls:
+                metrics.count(metrics.TLS_HANDSHAKE_FAILURES, ctx.listener.protocol, "implicit")
         finally:
             if not started:  # the header or the handshake failed, timed out or was cancelled
                 if handshaking:
@@ -555,6 +567,16 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:
         return asyncio.new_event_loop()
+
+
+# Idle relayed sessions are looked for this often: a quarter of the shortest proxy_timeout,
+# within these bounds. A session is ended between proxy_timeout and that much later.
+SWEEP_MIN, SWEEP_MAX = 0.25, 30.0
+
+
+def sweep_interval(settings: Settings) -> float:
+    shortest = min(p.proxy_timeout for p in settings.protocols.values())
+    return min(max(shortest / 4, SWEEP_MIN), SWEEP_MAX)
 
 
 def run_worker(

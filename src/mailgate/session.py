@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import itertools
 import logging
 import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailgate import metrics
@@ -121,6 +119,11 @@ class Sessions:
     ) -> list[dict[str, object]]:
         """The logged-in sessions, as `mailgate who` shows them (filtered, if asked)."""
         return [record.describe() for record in self.matching(user, backend)]
+
+    def sweep_idle(self, now: float) -> None:
+        """End the relayed sessions idle for their protocol's proxy_timeout."""
+        for relay in list(self.relays):
+            relay.check_idle(now)
 
     def kick(self, user: str | None = None, backend: str | None = None) -> int:
         """End the matching sessions with the protocol's goodbye; how many there were."""
@@ -307,6 +310,7 @@ class Session:
             await self.chan.start_tls(ctx.server_tls, server_side=True, deadline=deadline)
         except (TimeoutError, OSError, ssl.SSLError) as e:  # no goodbye into a broken handshake
             self.reason = CloseReason.HANDSHAKE_FAILED
+            metrics.count(metrics.TLS_HANDSHAKE_FAILURES, ctx.listener.protocol, "starttls")
             log.debug("STARTTLS with %s failed: %s", ip, type(e).__name__)
             raise _Refused from None
         finally:
@@ -316,12 +320,16 @@ class Session:
     async def _login(self, creds: Credentials) -> tuple[LoginOutcome, BackendConnection | None]:
         self.attempts = creds.attempt
         self.user = creds.user
+        loop = self.chan.loop
+        asked = loop.time()
         try:
             decision = await self.ctx.authenticator.authenticate(creds, self.client)
         except Exception as e:  # an authenticator must not raise; treat it as an outage
             log.error("authenticator raised %s for %s", type(e).__name__, _safe(creds.user))
             decision = TempFail("authenticator raised")
         protocol = self.ctx.listener.protocol
+        result = _RESULTS.get(type(decision), "tempfail")
+        metrics.observe(metrics.AUTH_DURATION, loop.time() - asked, protocol, result)
         if isinstance(decision, Route):
             if not await self._lease(decision):
                 return Limited(), None
@@ -427,7 +435,7 @@ class Session:
         record = SessionRecord(self)
         self.lease = None  # the record gives it back when the relay ends
         if self.target is not None:
-            record.release = ctx.router.session_started(self.target)
+            record.counted = ctx.router.session_started(self.target)
         relay = Relay(
             client_transport,
             backend_transport,
@@ -435,7 +443,7 @@ class Session:
             goodbyes=ctx.spec.goodbyes,
             boundary=ctx.spec.boundary(),
             normal_end=ctx.spec.normal_end,
-            on_done=functools.partial(record.done, ctx.sessions),
+            on_done=record.done,
             on_client_lost=chan.detach(),
             loop=chan.loop,
         )
@@ -458,12 +466,14 @@ class SessionRecord:
         "attempts",
         "backend",
         "client",
+        "counted",
         "label",
         "lease",
         "mailstore",
         "protocol",
         "relay",
-        "release",
+        "router",
+        "sessions",
         "since",
         "started",
         "store",
@@ -482,7 +492,9 @@ class SessionRecord:
         self.lease = session.lease
         self.store = session.ctx.store
         self.relay: Relay | None = None
-        self.release: Callable[[], None] | None = None  # the backend's session count
+        self.router = session.ctx.router
+        self.sessions = session.ctx.sessions
+        self.counted: tuple[str, str] | None = None  # counted on this backend (pool, member)
         self.label = session.label
 
     def describe(self) -> dict[str, object]:
@@ -500,11 +512,11 @@ class SessionRecord:
             "pid": os.getpid(),
         }
 
-    def done(self, sessions: Sessions, relay: Relay) -> None:
-        sessions.relays.pop(relay, None)
-        if self.release is not None:
-            self.release()
-            self.release = None
+    def done(self, relay: Relay) -> None:
+        self.sessions.relays.pop(relay, None)
+        if self.counted is not None:
+            self.router.session_ended(self.counted)
+            self.counted = None
         metrics.add(metrics.ACTIVE_RELAY, -1)
         if self.lease is not None:
             lease, self.lease = self.lease, None
@@ -549,6 +561,9 @@ def _log_session(
         time.monotonic() - rec.started,
         reason.value,
     )
+
+
+_RESULTS: dict[type, str] = {Route: "ok", Reject: "rejected", TempFail: "tempfail"}
 
 
 def _token_challenge(creds: Credentials, reject: Reject) -> bytes | None:

@@ -5,7 +5,6 @@ port; the half-open probe; active checks; shared-storage failover; the loop guar
 from __future__ import annotations
 
 import asyncio
-import gc
 import imaplib
 import logging
 import socket
@@ -88,11 +87,11 @@ def config(auth_url: str, *pools: dict[str, Any], **extra: Any) -> dict[str, Any
     }
 
 
-def router_with(pool: str) -> BackendRouter:
-    """The running worker's router (found by its pool's name: each test has its own)."""
-    found = [o for o in gc.get_objects() if isinstance(o, BackendRouter) and pool in o.pools]
-    assert len(found) == 1, found
-    return found[0]
+def router_of(proxy: Any, pool: str) -> BackendRouter:
+    """The running worker's router, which serves this test's pool."""
+    router: BackendRouter = proxy.worker.router
+    assert pool in router.pools, router.pools
+    return router
 
 
 def on_loop(proxy: Any, call: Callable[[], Any]) -> Any:
@@ -173,7 +172,7 @@ def test_a_refused_member_recovers_through_the_half_open_probe(
                 assert back.accepted == 1
                 assert up("flaky", name) == 1
                 assert imap_login(port)[0] == "ok"
-            described = on_loop(proxy, lambda: router_with("flaky").describe())
+            described = on_loop(proxy, lambda: router_of(proxy, "flaky").describe())
     transitions = [r.getMessage() for r in caplog.records if "backend flaky/" in r.getMessage()]
     assert [t.split(": ", 1)[1].split(" (")[0] for t in transitions] == [
         "up -> down",
@@ -197,7 +196,7 @@ def test_active_checks_find_a_dead_member_and_bring_it_back() -> None:
             with imap_server(dead) as back:
                 assert wait_for(lambda: up("checked", name) == 1)
                 assert back.accepted >= 1  # the check connected (and logged out)
-                state = on_loop(proxy, lambda: router_with("checked").describe()[0])
+                state = on_loop(proxy, lambda: router_of(proxy, "checked").describe()[0])
                 assert state["last_check"]["ok"] is True
                 assert state["last_check"]["detail"].startswith("* OK")
             count = REGISTRY.get_sample_value(
@@ -223,11 +222,11 @@ def test_shared_storage_fails_over_to_the_next_member_in_the_same_login() -> Non
             assert imap_login(port)[0] == "ok"
             assert alive.accepted == 2
             # Drained, the last member takes nothing: a fast temporary failure.
-            reply = on_loop(proxy, lambda: router_with("shared").command("drain", members[1]))
+            reply = on_loop(proxy, lambda: router_of(proxy, "shared").command("drain", members[1]))
             assert reply["ok"] and reply["members"][0]["state"] == "draining"
             assert "UNAVAILABLE" in imap_login(port)[0]
             assert alive.accepted == 2
-            on_loop(proxy, lambda: router_with("shared").command("up", members[1]))
+            on_loop(proxy, lambda: router_of(proxy, "shared").command("up", members[1]))
             assert imap_login(port)[0] == "ok"
 
 
@@ -241,7 +240,7 @@ def test_sessions_per_member_are_counted_while_relayed() -> None:
                 c.login("alice", "pw")
             gauge = {"pool": "counted", "member": name}
             assert REGISTRY.get_sample_value("mailgate_backend_sessions", gauge) == 3
-            listed = on_loop(proxy, lambda: router_with("counted").command("list"))
+            listed = on_loop(proxy, lambda: router_of(proxy, "counted").command("list"))
             assert listed["members"][0]["sessions"] == 3
             for c in clients:
                 c.logout()

@@ -12,6 +12,7 @@ import logging
 import re
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -147,6 +148,40 @@ def test_backend_going_away_mid_session_says_bye() -> None:
         sock.sendall(b"b NOOP\r\n")
         assert b"* BYE [UNAVAILABLE]" in read_until(sock, b"BYE")
         assert read_until(sock, b"never") == b""  # then the connection is closed
+
+
+def test_an_idle_relayed_session_ends_after_proxy_timeout_and_a_busy_one_does_not() -> None:
+    """proxy_timeout = 1 s: the sweep looks every 0.25 s, so an idle session gets its BYE
+    between 1 and about 1.25 s (with slack here for a loaded box); one that talks, none."""
+    with (
+        running_backend(imap_backend(PASSWORD)) as backend,
+        running_auth(FakeAuth(route_to(backend.port))) as auth,
+        running_proxy(base_config(auth.url, proxy_timeout=1.0)) as proxy,
+    ):
+        idle, busy = raw_session(proxy.port("imap")), raw_session(proxy.port("imap"))
+        for sock in (idle, busy):
+            sock.sendall(b'a LOGIN alice@example.com "' + PASSWORD.encode() + b'"\r\n')
+            assert b"a OK" in read_until(sock, b"a OK")
+        started = time.monotonic()
+        answered: list[bool] = []
+
+        def talk() -> None:  # 2.4 s of NOOPs, each well within the timeout
+            for i in range(8):
+                busy.sendall(b"n%d NOOP\r\n" % i)
+                answered.append(b"n%d OK" % i in read_until(busy, b"n%d OK" % i))
+                time.sleep(0.3)
+
+        talker = threading.Thread(target=talk)
+        talker.start()
+        said = read_until(idle, b"\r\n", limit=5)
+        took = time.monotonic() - started
+        assert said == b"* BYE Disconnected for inactivity.\r\n", said
+        assert 1.0 <= took < 2.5, took
+        assert read_until(idle, b"never", limit=2) == b""  # and closed
+        talker.join(10)
+        assert answered == [True] * 8
+        busy.sendall(b"z NOOP\r\n")
+        assert b"z OK" in read_until(busy, b"z OK")
 
 
 def test_pipelined_command_after_login_reaches_backend() -> None:

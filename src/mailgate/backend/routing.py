@@ -269,21 +269,21 @@ class BackendRouter:
             m = target.member
             self.record(P.HealthEvent(P.EventKind.LOGIN_OK, m.pool, m.name, self.clock()))
 
-    def session_started(self, target: Target) -> Callable[[], None]:
-        """Count a relayed session on its member; call the returned function when it ends."""
+    def session_started(self, target: Target) -> tuple[str, str]:
+        """Count a relayed session on its member; give the labels returned to
+        `session_ended` when it ends (a pair, not a closure: idle sessions are many)."""
         labels = target.labels
         self._sessions[labels] = self._sessions.get(labels, 0) + 1
         metrics.backend_sessions(*labels, 1)
+        return labels
 
-        def ended() -> None:
-            left = self._sessions.get(labels, 1) - 1
-            if left > 0:
-                self._sessions[labels] = left
-            else:
-                self._sessions.pop(labels, None)
-            metrics.backend_sessions(*labels, -1)
-
-        return ended
+    def session_ended(self, labels: tuple[str, str]) -> None:
+        left = self._sessions.get(labels, 1) - 1
+        if left > 0:
+            self._sessions[labels] = left
+        else:
+            self._sessions.pop(labels, None)
+        metrics.backend_sessions(*labels, -1)
 
     # --- events -------------------------------------------------------------------------------
 

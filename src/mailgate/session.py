@@ -175,6 +175,7 @@ class Session:
         "label",
         "lease",
         "mailstore",
+        "peer",
         "reason",
         "started",
         "target",
@@ -194,10 +195,13 @@ class Session:
         self.target: Target | None = None  # where the backend login succeeded
         self.label: str | None = None  # the app password that logged in (its label)
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
-        self.client = _client_info(chan, ctx.listener.protocol)
+        # The connection's own client; `client` becomes what a trusted peer claims, if it does.
+        self.peer = self.client = _client_info(chan, ctx.listener.protocol)
         policy = ctx.policy
         if self.client.tls is not None and not policy.tls_active:  # TLS ended at the proxy
             policy = dataclasses.replace(policy, tls_active=True, starttls=False)
+        if ctx.trusted and self.client.ip in ctx.trusted:
+            policy = dataclasses.replace(policy, trusted=True)
         self.core: PreAuthCore = ctx.spec.core(policy, salt)
 
     async def run(self) -> None:
@@ -229,6 +233,8 @@ class Session:
             ctx.sessions.preauth.discard(self)
             metrics.add(metrics.ACTIVE_PREAUTH, -1)
             if not relayed:
+                if self.core.claim_ignored:
+                    self._take_claim()  # only to log it: the session ends
                 if self.lease is not None:  # counted, but the session never got relayed
                     _release_soon(ctx.store, self.lease)
                     self.lease = None
@@ -315,9 +321,10 @@ class Session:
             raise _Refused from None
         finally:
             ctx.handshakes.end(ip)
-        self.client = _client_info(self.chan, ctx.listener.protocol)
+        self.peer = self.client = _client_info(self.chan, ctx.listener.protocol)
 
     async def _login(self, creds: Credentials) -> tuple[LoginOutcome, BackendConnection | None]:
+        self._take_claim()
         self.attempts = creds.attempt
         self.user = creds.user
         loop = self.chan.loop
@@ -351,6 +358,22 @@ class Session:
         )
         await asyncio.sleep(min(decision.wait, MAX_AUTH_WAIT))
         return Unavailable(), None
+
+    def _take_claim(self) -> None:
+        """From this login on, the client is who a trusted peer says it is (for the auth
+        request, the throttle, the limits, the logs and the backend); a claim from anywhere
+        else changed nothing, and is logged once."""
+        core, peer = self.core, self.peer
+        if core.claim_ignored:
+            core.claim_ignored = False
+            _refusals.warning(
+                "ignoring the client address %s claimed: not in trusted_networks", peer.ip
+            )
+        claim = core.claim
+        if claim is not None:
+            self.client = dataclasses.replace(
+                peer, ip=claim.ip, port=claim.port or 0, host=None, via=peer.ip
+            )
 
     async def _lease(self, route: Route) -> bool:
         """Count this session against the [limits], before any backend is touched."""
@@ -546,12 +569,14 @@ def _log_session(
     c = rec.client
     traffic = f" in={relay.bytes_in} out={relay.bytes_out}" if relay else ""
     label = f" app_password={_safe(rec.label)}" if rec.label else ""
+    via = f" via={c.via}" if c.via else ""
     log.log(
         level,
-        "%s client=%s:%d user=%s%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
+        "%s client=%s:%d%s user=%s%s backend=%s tls=%s attempts=%d%s duration=%.3f outcome=%s",
         rec.protocol,
         c.ip,
         c.port,
+        via,
         _safe(rec.user) or "-",
         label,
         rec.backend,

@@ -120,6 +120,9 @@ class ClientInfo:
     local_port: int = 0
     tls: TlsInfo | None = None
     host: str | None = None  # reverse DNS name; None when not resolved
+    # The trusted peer (trusted_networks) that named `ip` for the client it logs in for
+    # (IMAP ID x-originating-ip, XCLIENT); None when `ip` is the connection's own.
+    via: str | None = None
 
 
 class BackendTLS(StrEnum):

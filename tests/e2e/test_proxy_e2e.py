@@ -594,3 +594,36 @@ def test_mbsync_pulls_the_inbox_from_the_home_store(
     messages = [p for p in (local / "INBOX").glob("*/*") if p.is_file()]
     assert len(messages) == 1
     assert subject_line(dovecot_stores, BOB).decode() in messages[0].read_text().splitlines()
+
+
+# --- a trusted webmail names its user's address ----------------------------------------------
+
+
+@pytest.mark.usefixtures("imap_routes")
+def test_a_trusted_webmail_claim_reaches_dovecot_as_the_users_address(
+    auth_service: AuthService, dovecot_stores: DovecotStores, tmp_path: Path
+) -> None:
+    """Roundcube-style: the webmail (on trusted_networks) says x-originating-ip in its ID;
+    Dovecot, which trusts mailgate, logs that address as the session's remote IP."""
+    config = {
+        "shutdown_timeout": 2,
+        "auth_http": {"url": auth_service.url, "timeout": 5, "header": {AUTH_HEADER: AUTH_SECRET}},
+        "backend": {"connect_timeout": 2, "login_timeout": 5, "forward_client": True},
+        "throttle": {"enabled": False},
+        "trusted_networks": ["127.0.0.0/8"],
+    }
+    listeners = {"imap": {"protocol": "imap", "tls": "none"}}
+    with running_mailgate(tmp_path, listeners, config) as mg:
+        imap = imaplib.IMAP4("127.0.0.1", mg.ports["imap"], timeout=CLIENT_TIMEOUT)
+        imap.xatom("ID", '("name" "webmail" "x-originating-ip" "192.0.2.88")')
+        imap.login(ALICE.login, ALICE.password)
+        assert imap_subjects(imap) == [subject_line(dovecot_stores, ALICE)]
+        imap.logout()
+        found = mg.wait_for_sessions(lambda s: s.fields.get("user") == ALICE.login)
+    assert found and found[0]["client"] == "192.0.2.88:0", found
+    assert found[0]["via"] == "127.0.0.1", found
+    deadline = time.monotonic() + CLIENT_TIMEOUT
+    store_log = dovecot_stores.store1.log_path
+    while "rip=192.0.2.88" not in store_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "Dovecot never logged the claimed address"
+        time.sleep(0.05)

@@ -28,6 +28,7 @@ import re
 from enum import Enum
 from typing import ClassVar
 
+from mailgate.protocols.claims import AddressClaim
 from mailgate.protocols.events import (
     Authenticate,
     BadCommand,
@@ -85,6 +86,8 @@ class PreAuthCore:
         "_salt",
         "_sasl",
         "_tls",
+        "claim",
+        "claim_ignored",
         "state",
         "trailing",
     )
@@ -116,6 +119,10 @@ class PreAuthCore:
         self._first_byte: int | None = None
         self.state = State.COMMAND
         self.trailing = b""  # set at login: bytes pipelined behind the login command
+        # The real client's address as a trusted peer claims it (claims.py); the driver uses
+        # it from the next login on. A claim from elsewhere is dropped and only noted.
+        self.claim: AddressClaim | None = None
+        self.claim_ignored = False
 
     # --- the driver's surface --------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+from mailgate.protocols import claims
 from mailgate.protocols import imapwire as wire
 from mailgate.protocols.core import PreAuthCore, State
 from mailgate.protocols.events import (
@@ -282,11 +283,15 @@ class ImapCore(PreAuthCore):
 
     def _id(self, tag: bytes, args: wire.Reader) -> list[Event]:
         args.sp()
-        params = args.id_params_list()  # only the loop marker is kept: the rest is the client's
+        params = args.id_params_list()  # the hop counter and an address claim are used
         args.end()
         ttl = next((v for k, v in params or () if k.lower() == PROXY_TTL_KEY), None)
         if ttl is not None and ttl.isdigit() and len(ttl) <= 3:
             self._proxy_ttl = int(ttl)
+        if not self._policy.trusted:
+            self.claim_ignored |= claims.names_address(params)
+        else:
+            self.claim = claims.from_id(params) or self.claim
         return [Send(ID_REPLY + tag + b" OK ID completed\r\n")]
 
     def _authenticate(self, creds: Credentials) -> list[Event]:

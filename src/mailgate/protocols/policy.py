@@ -46,6 +46,9 @@ class PreAuthPolicy:
     max_pipelined: int = MAX_PIPELINED
     # The longest bearer token XOAUTH2 and OAUTHBEARER take ([oauth] max_token).
     max_token: int = MAX_TOKEN
+    # The connection comes from trusted_networks: its claims of the real client's address
+    # (IMAP ID x-originating-ip, XCLIENT) count, and XCLIENT is offered.
+    trusted: bool = False
 
     @property
     def line_limit(self) -> int:

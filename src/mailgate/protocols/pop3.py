@@ -12,6 +12,7 @@ import base64
 import functools
 from collections.abc import Callable
 
+from mailgate.protocols import claims
 from mailgate.protocols.core import PreAuthCore, State
 from mailgate.protocols.events import (
     BadCommand,
@@ -42,7 +43,7 @@ _SASL_NAMES = {
     "oauthbearer": "OAUTHBEARER",
 }
 # CAPA lines the core owns; a policy capability with the same name is not repeated.
-_CORE_CAPS = frozenset({"USER", "SASL", "STLS", "IMPLEMENTATION"})
+_CORE_CAPS = frozenset({"USER", "SASL", "STLS", "IMPLEMENTATION", "XCLIENT"})
 
 # --- limits ------------------------------------------------------------------------------------
 
@@ -74,6 +75,7 @@ LINE_TOO_LONG = b"-ERR Line too long\r\n"
 FLOODED = b"-ERR Too much pipelined input\r\n"
 TEMP_FAIL = b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later\r\n"
 LIMITED = b"-ERR [IN-USE] Too many sessions, try again later\r\n"  # RFC 3206
+NOT_TRUSTED = b"-ERR You are not from trusted IP\r\n"  # Dovecot's words for XCLIENT
 AUTH_FAIL_PREFIX = b"-ERR [AUTH] "
 DEFAULT_REASON = "Authentication failed"
 
@@ -211,6 +213,18 @@ class Pop3Core(PreAuthCore):
             response = b"" if initial in (b"", b"=") else self._decode(initial)
         return self._start_sasl(mech, response)
 
+    def _xclient(self, arg: bytes | None) -> list[Event]:
+        """A trusted peer names the real client (claims.py), as Dovecot's pop3-login takes it;
+        from anywhere else the command is refused, and nothing of it is kept."""
+        if not self._policy.trusted:
+            self.claim_ignored = True
+            raise BadCommand(NOT_TRUSTED)
+        try:
+            self.claim = claims.from_xclient(arg or b"") or self.claim
+        except claims.ClaimSyntax:
+            raise BadCommand(SYNTAX) from None
+        return [Send(OK)]
+
     def _quit(self, arg: bytes | None) -> list[Event]:
         # Arguments are ignored: a client that wants to leave may always leave.
         self._close()
@@ -225,6 +239,7 @@ _COMMANDS: dict[str, Callable[[Pop3Core, bytes | None], list[Event]]] = {
     "APOP": Pop3Core._apop,
     "AUTH": Pop3Core._auth,
     "QUIT": Pop3Core._quit,
+    "XCLIENT": Pop3Core._xclient,
 }
 
 
@@ -246,6 +261,8 @@ def _capa_reply(policy: PreAuthPolicy, cleartext_ok: bool, stls: bool) -> bytes:
             lines.append("SASL " + " ".join(mechanisms))
     if stls:
         lines.append("STLS")
+    if policy.trusted:
+        lines.append("XCLIENT")
     return CAPA_HEAD + b"".join(line.encode("ascii") + CRLF for line in lines) + b".\r\n"
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 
+from mailgate.protocols import claims
 from mailgate.protocols.core import PreAuthCore, State
 from mailgate.protocols.events import (
     BadCommand,
@@ -48,7 +49,9 @@ _SASL_NAMES = {
     "oauthbearer": "OAUTHBEARER",
 }
 # EHLO keywords the core owns; a policy capability with the same keyword is not repeated.
-_CORE_CAPS = frozenset({"STARTTLS", "AUTH"})
+_CORE_CAPS = frozenset({"STARTTLS", "AUTH", "XCLIENT"})
+# What EHLO offers a trusted peer: the attributes that change something here.
+XCLIENT_CAP = "XCLIENT ADDR PORT"
 
 # --- limits ----------------------------------------------------------------------------------
 
@@ -95,52 +98,13 @@ BAD_MECH = b"504 5.5.4 Unrecognized authentication type\r\n"  # RFC 4954 section
 NO_TLS = b"454 4.7.0 TLS not available\r\n"  # RFC 3207 section 4
 TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"  # RFC 3207 section 4
 AUTH_REQUIRED = b"530 5.7.0 Authentication required\r\n"  # RFC 4954 section 6
-NOT_SMTP = b"521 5.5.1 Protocol error\r\n"
-TOO_MANY = b"421 4.7.0 Too many errors, closing connection\r\n"
-FLOODED = b"421 4.7.0 Too much pipelined input, closing connection\r\n"
-TEMP_AUTH = b"454 4.7.0 Temporary authentication failure\r\n"  # RFC 4954 section 6
-LIMITED = b"421 4.7.0 Too many sessions, try again later\r\n"
-LIMITED_RELAY = b"451 4.7.0 Too many sessions, try again later\r\n"
-# RFC 5321 4.3.2 allows no 454 after RCPT: a relay's temporary failure is a 451.
-TEMP_RELAY = b"451 4.3.0 Temporary failure, please try again later\r\n"
-AUTH_FAIL_CODE = "535 5.7.8"  # RFC 4954 section 6: authentication credentials invalid
-RELAY_FAIL_CODE = "550 5.7.1"  # RFC 3463: delivery not authorised
-DEFAULT_REASON = "Authentication failed"
-
-# --- replies ---------------------------------------------------------------------------------
-
-CRLF = b"\r\n"
-OK = b"250 2.0.0 OK\r\n"
-MAIL_OK = b"250 2.1.0 OK\r\n"
-BYE = b"221 2.0.0 Bye\r\n"
-HELP = b"214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT RSET NOOP VRFY HELP QUIT\r\n"
-VRFY = b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n"
-STARTTLS_OK = b"220 2.0.0 Ready to start TLS\r\n"
-AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
-RELAY_OK = b"250 2.1.5 OK"  # our RCPT reply if the backend's cannot be passed on
-EARLY = b"554 5.5.0 Improper use of SMTP command pipelining\r\n"  # talked before the greeting
-UNKNOWN = b"500 5.5.2 Command not recognized\r\n"
-LINE_TOO_LONG = b"500 5.5.6 Line too long\r\n"
-SYNTAX = b"501 5.5.4 Invalid argument\r\n"
-BAD_BASE64 = b"501 5.5.2 Cannot decode response\r\n"  # RFC 4954 section 4
-BAD_SASL = b"501 5.5.2 Invalid authentication data\r\n"
-CANCELLED = b"501 5.7.0 Authentication cancelled\r\n"  # RFC 4954 section 4
-HELO_FIRST = b"503 5.5.1 Send HELO/EHLO first\r\n"
-NESTED_MAIL = b"503 5.5.1 Sender already specified\r\n"
-NEED_MAIL = b"503 5.5.1 Need MAIL command\r\n"
-NEED_RCPT = b"503 5.5.1 Need RCPT command\r\n"
-IN_TRANSACTION = b"503 5.5.1 AUTH not allowed during a mail transaction\r\n"  # RFC 4954 4
-TLS_ACTIVE = b"503 5.5.1 TLS already active\r\n"  # RFC 3207 section 4.2
-NO_AUTH = b"502 5.5.1 AUTH not available\r\n"
-BAD_MECH = b"504 5.5.4 Unrecognized authentication type\r\n"  # RFC 4954 section 6
-NO_TLS = b"454 4.7.0 TLS not available\r\n"  # RFC 3207 section 4
-TLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"  # RFC 3207 section 4
-AUTH_REQUIRED = b"530 5.7.0 Authentication required\r\n"  # RFC 4954 section 6
 FOREIGN = b"521 5.5.1 Protocol error\r\n"  # to HTTP or TLS bytes (ALPACA)
 TOO_MANY = b"421 4.7.0 Too many errors, closing connection\r\n"
 FLOODED = b"421 4.7.0 Too much pipelined input, closing connection\r\n"
 TEMP_AUTH = b"454 4.7.0 Temporary authentication failure\r\n"  # RFC 4954 section 6
 LIMITED = b"421 4.7.0 Too many sessions, try again later\r\n"
+NOT_TRUSTED = b"550 5.7.0 Error: insufficient authorization\r\n"  # Postfix, to XCLIENT
+BAD_XCLIENT = b"501 5.5.4 Bad XCLIENT attribute\r\n"
 LIMITED_RELAY = b"451 4.7.0 Too many sessions, try again later\r\n"
 # RFC 5321 4.3.2 allows no 454 after RCPT: a relay's temporary failure is a 451.
 TEMP_RELAY = b"451 4.3.0 Temporary failure, please try again later\r\n"
@@ -245,6 +209,8 @@ class SmtpCore(PreAuthCore):
         mechanisms = _sasl_mechanisms(self._policy)
         if mechanisms and self._cleartext_ok():
             keywords.append("AUTH " + " ".join(mechanisms))
+        if self._policy.trusted:
+            keywords.append(XCLIENT_CAP)
         body = [b"250-" + kw.encode("ascii", "replace") + CRLF for kw in keywords]
         body[-1] = b"250 " + body[-1][4:]
         return [Send(b"".join(body))]
@@ -299,6 +265,22 @@ class SmtpCore(PreAuthCore):
     def _authenticate(self, creds: Credentials) -> list[Event]:
         # Every SMTP login carries the client's HELO name, for the backend's XCLIENT.
         return super()._authenticate(dataclasses.replace(creds, smtp_helo=self._helo))
+
+    def _xclient(self, line: bytes, arg: bytes) -> list[Event]:
+        """A trusted peer names the real client (claims.py). As in Postfix, the session then
+        starts over: a new greeting, and the client says EHLO again."""
+        if not self._policy.trusted:
+            self.claim_ignored = True
+            raise BadCommand(NOT_TRUSTED)
+        if self._mail is not None:
+            raise BadCommand(NESTED_MAIL)
+        try:
+            self.claim = claims.from_xclient(arg) or self.claim
+        except claims.ClaimSyntax:
+            raise BadCommand(BAD_XCLIENT) from None
+        self._reset_transaction()
+        self._helo = None
+        return self.greet()
 
     def _mail_cmd(self, line: bytes, arg: bytes) -> list[Event]:
         self._check_envelope(arg, b"FROM:")
@@ -382,6 +364,7 @@ _COMMANDS: dict[str, Callable[[SmtpCore, bytes, bytes], list[Event]]] = {
     "VRFY": SmtpCore._vrfy,
     "HELP": SmtpCore._help,
     "QUIT": SmtpCore._quit,
+    "XCLIENT": SmtpCore._xclient,
 }
 
 

@@ -235,7 +235,7 @@ class SqlDirectory:
             return Verdict(Reject(), "challenge missing", level=logging.ERROR)
         await self._prime_dummies()
         try:
-            record = await self.lookup(user, client.protocol)
+            record = await self._lookup(user, client.protocol)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, level=logging.WARNING)
@@ -420,7 +420,7 @@ class SqlDirectory:
         if given != user:
             return Verdict(refused, f"token is for {user}, the client logged in as {given}", given)
         try:
-            record = await self.lookup(user, client.protocol)
+            record = await self._lookup(user, client.protocol)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, user, logging.WARNING)
@@ -552,10 +552,14 @@ class SqlDirectory:
     async def lookup(self, user: str, protocol: str) -> UserRecord | None:
         """The user's record for `protocol`, or None. Raises DirectoryUnavailable."""
         try:
-            user, domain = normalise_user(user, lower_local=self._custom is None)
+            user, _ = normalise_user(user, lower_local=self._custom is None)
         except BadUserName:
             return None
-        params = {"user": user, "domain": domain, "protocol": protocol}
+        return await self._lookup(user, protocol)
+
+    async def _lookup(self, user: str, protocol: str) -> UserRecord | None:
+        """`lookup` for a name normalised already (by `explain`: not twice per login)."""
+        params = {"user": user, "domain": names.split(user)[1], "protocol": protocol}
         return await self._guarded(self._query, params)
 
     async def _guarded(

@@ -59,6 +59,9 @@ Processor = Callable[[Any], Any]
 # Closing connections (or a whole SQLAlchemy pool) to a server that stopped answering must not
 # hang a shutdown or a login: 2 s, then they are dropped unclosed.
 CLOSE_TIMEOUT = 2.0
+# How long a connection past pool_size may stay idle before it is closed: a burst of logins
+# keeps its connections, a quiet minute gives them back.
+OVERFLOW_IDLE = 60.0
 # Statements asyncmy keeps prepared per connection: the directory runs six at most.
 MYSQL_STATEMENTS = 16
 # The URL query options the direct drivers are given; any other goes through SQLAlchemy.
@@ -186,15 +189,19 @@ class _Dead(Exception):
 class _Conn:
     raw: Any
     opened: float  # time.monotonic()
+    used: float = 0.0  # when it was last given back
 
 
 class ServerReader:
     """A `Reader` over connections kept open to a database server.
 
-    At most `size` stay open while idle, and `size + MAX_OVERFLOW` are open at once (the
-    rest wait their turn), as SQLAlchemy's pool did. Idle connections older than
-    POOL_RECYCLE are closed before use: MySQL drops idle ones after wait_timeout, NAT and
-    firewalls after about an hour, and an old one would cost a failed try.
+    At most `size + MAX_OVERFLOW` are open at once (the rest of the lookups wait their
+    turn), as with SQLAlchemy's pool; but where that pool closed every connection past `size`
+    as it came back, and so opened and closed one (and prepared its statements again) for
+    every few logins under load, here one past `size` stays open until it has been idle for
+    OVERFLOW_IDLE. Idle connections older than POOL_RECYCLE are closed before use: MySQL drops
+    idle ones after wait_timeout, NAT and firewalls after about an hour, and an old one would
+    cost a failed try.
     """
 
     def __init__(self, driver: Driver, dialect: Dialect, size: int) -> None:
@@ -269,10 +276,11 @@ class ServerReader:
         return None
 
     def _give_back(self, conn: _Conn) -> None:
-        if len(self._idle) < self._size:
-            self._idle.append(conn)
-        else:  # an overflow connection: not kept
-            self._close_later(conn)
+        now = conn.used = time.monotonic()
+        self._idle.append(conn)
+        # The least recently used is first: past `size`, close it once the load has gone.
+        if len(self._idle) > self._size and now - self._idle[0].used > OVERFLOW_IDLE:
+            self._close_later(self._idle.pop(0))
 
     def _close_later(self, conn: _Conn) -> None:
         async def close() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from mailgate.config import ConfigError, Settings
 
 # Driver module -> the pip extra that installs it (pyproject.toml's optional-dependencies).
-EXTRAS = {"asyncpg": "postgresql", "aiomysql": "mysql", "redis": "redis"}
+EXTRAS = {"asyncpg": "postgresql", "aiomysql": "mysql", "asyncmy": "mysql", "redis": "redis"}
 
 
 def check(settings: Settings) -> None:

@@ -158,9 +158,9 @@ def test_a_missing_client_ca_and_backend_ca(certs: Path) -> None:
     [
         (
             "mysql+asyncmy://mail:pw@127.0.0.1/mail",
-            "",
+            "import sys; sys.modules['asyncmy'] = None",
             "directory.url: mysql+asyncmy: the driver 'asyncmy' is not installed: "
-            "pip install asyncmy",
+            "pip install 'mailgate[mysql]'",
         ),
         (
             "postgresql://mail:pw@127.0.0.1/mail",

@@ -52,6 +52,7 @@ LOGINS = 30  # counted per kind of login; the counts are exact, so a few dozen s
 MARIADB_COUNTERS = ("Questions", "Com_admin_commands", "Com_stmt_prepare", "Com_rollback",
                     "Com_commit", "Connections")  # fmt: skip
 PG_REQUEST = re.compile(r"duration: [\d.]+ ms {2}(parse|execute|statement)\b")
+NAMED = re.compile(r"(parse|execute) (?!<unnamed>)\S+:")
 LOG_WAIT = 10.0  # for PostgreSQL's log to show the end marker
 
 
@@ -125,6 +126,9 @@ class PostgresRequests:
         found["round_trips"] = float(sum(kinds.values()))
         found["transactions"] = float(sum("BEGIN" in line or "ROLLBACK" in line
                                           for line in section))  # fmt: skip
+        # Statements prepared under a name, which live on the server connection (asyncpg's
+        # cache); an unnamed one is logged as "parse <unnamed>".
+        found["named"] = float(sum(bool(NAMED.search(line)) for line in section))
 
 
 @contextlib.contextmanager
@@ -221,6 +225,32 @@ def test_a_login_on_the_seeds_schema_is_its_two_queries(
                 assert [isinstance(d, Route) for d in decisions] == [True, False] * LOGINS
                 # The seed's script: a ping and its two SELECTs; here the two SELECTs only.
                 assert per_login(found, 2 * LOGINS) == 2.0, found
+
+    run(scenario())
+
+
+def test_behind_pgbouncer_no_statement_outlives_its_lookup(postgres: peers.Peer) -> None:
+    """?prepared_statement_cache_size=0, for PgBouncer's transaction pooling before 1.21 (the
+    next lookup may get another server connection, where a named statement is unknown):
+    asyncpg's cache is off, so every lookup prepares its statement unnamed, as a round trip
+    of its own. Without the option, the statement is prepared under a name once."""
+    from .test_directory_sql import create_postgres_database
+
+    url = create_postgres_database(postgres)
+
+    async def scenario() -> None:
+        await populate(url)
+        right, wrong = ("carol@example.com", CAROL_PW), ("carol@example.com", "wrong")
+        with requests_of("postgresql", postgres) as db:
+            for query, named in (("?prepared_statement_cache_size=0", False), ("", True)):
+                async with env(url + query, cache_ttl=0) as e:
+                    await logins(e, 2, right, wrong)
+                    with db.count() as found:
+                        decisions = await logins(e, LOGINS, right, wrong)
+                assert [isinstance(d, Route) for d in decisions] == [True, False] * LOGINS
+                assert (found["named"] > 0) is named, (query, found)
+                if not named:
+                    assert found["parse"] >= 2 * LOGINS, found
 
     run(scenario())
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import traceback
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from sqlalchemy import text
 
 from integration.test_directory_sqlite import (
@@ -31,10 +33,11 @@ from integration.test_directory_sqlite import (
     sql,
 )
 from mailgate.auth import schema
+from mailgate.auth.directory import SqlDirectory
 from mailgate.auth.schema import dispose, make_engine
 from mailgate.auth.sqlite_read import SqliteReader
-from mailgate.auth.sqlread import EngineReader, ServerReader, open_reader
-from mailgate.config import DirectoryQueries
+from mailgate.auth.sqlread import EngineReader, ServerReader, open_reader, parse_url
+from mailgate.config import DirectoryQueries, DirectorySettings
 
 T = TypeVar("T")
 # Loop iterations a lookup that leaves the loop free lets pass; one read that held the loop
@@ -50,6 +53,7 @@ def test_each_url_gets_its_reader(tmp_path: Path) -> None:
             f"sqlite+pysqlite:///{db}": SqliteReader,
             "postgresql://u:p@h/db": ServerReader,
             "postgres://u@h:5433/db?sslmode=require": ServerReader,
+            "postgresql://u@h/db?prepared_statement_cache_size=0": ServerReader,
             "postgresql+asyncpg://u@h/db": ServerReader,
             "mysql://u:p%40ss@h/db": ServerReader,
             "mariadb://u@h/db?unix_socket=/run/mysqld/mysqld.sock": ServerReader,
@@ -67,6 +71,32 @@ def test_each_url_gets_its_reader(tmp_path: Path) -> None:
             await reader.close()
 
     run(scenario())
+
+
+# A password no error message may show (make_url's own errors quote the URL, or its port).
+SECRET = "s3cr3t-pw"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://mail:{SECRET}/mail",  # no "@host": the password is read as the port
+        f"postgresql://mail:{SECRET}@[::1/mail",  # an unclosed IPv6 address
+        f"mysql//mail:{SECRET}/mail",  # no "://", and no "@" to cut at
+        f"postgresql://mail:{SECRET}@db/mail?prepared_statement_cache_size={SECRET}",
+        f"postgresql://mail:{SECRET}@db/mail?prepared_statement_cache_size=0"
+        "&prepared_statement_cache_size=1",
+    ],
+    ids=["no host", "bad host", "no scheme", "bad cache size", "cache size twice"],
+)
+def test_a_bad_url_is_refused_at_start_without_showing_its_password(url: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        parse_url(url)
+    # Nor in a traceback, which would show make_url's error as the context.
+    assert SECRET not in "".join(traceback.format_exception(refused.value))
+    with pytest.raises(ValueError) as refused:
+        SqlDirectory(DirectorySettings(url=url))
+    assert SECRET not in str(refused.value)
 
 
 async def same_rows_as_sqlalchemy(url: str) -> None:

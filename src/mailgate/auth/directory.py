@@ -33,7 +33,7 @@ from mailgate.auth import passwords, schema
 from mailgate.auth.dummy import Dummies
 from mailgate.auth.oauth import TokenInvalid, TokenUnavailable, TokenValidator
 from mailgate.auth.schema import engine_url
-from mailgate.auth.sqlread import Reader, ReadError, Row, describe, open_reader
+from mailgate.auth.sqlread import Reader, ReadError, Row, describe, open_reader, parse_url
 from mailgate.config import DirectorySettings, OAuthSettings
 from mailgate.names import BadName
 from mailgate.values import (
@@ -153,7 +153,7 @@ class SqlDirectory:
 
     def __init__(self, settings: DirectorySettings, oauth: OAuthSettings | None = None) -> None:
         self.settings = settings
-        engine_url(settings.url)  # a bad URL fails at start, not at the first login
+        parse_url(settings.url)  # a bad URL fails at start, not at the first login
         q = settings.queries
         self._custom = schema.custom_queries(q.password, q.route) if q is not None else None
         # Not in DirectorySettings yet; an existing schema usually stores clear text.

@@ -216,7 +216,8 @@ def engine_url(url: str) -> str:
     """Pick the asyncio driver: sqlite:///x -> sqlite+aiosqlite:///x, and so on."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"not a database URL: {url.split('@')[-1]!r}")
+        # Not echoed: without "://" there is no telling where its password is.
+        raise ValueError("not a database URL (scheme://user:password@host/database)")
     if "+" in scheme:
         return url  # the operator named a driver
     if scheme not in _DRIVERS:

@@ -65,7 +65,7 @@ OVERFLOW_IDLE = 60.0
 # Statements asyncmy keeps prepared per connection: the directory runs six at most.
 MYSQL_STATEMENTS = 16
 # The URL query options the direct drivers are given; any other goes through SQLAlchemy.
-PG_OPTIONS = frozenset({"ssl", "sslmode"})
+PG_OPTIONS = frozenset({"ssl", "sslmode", "prepared_statement_cache_size"})
 MYSQL_OPTIONS = frozenset({"charset", "unix_socket"})
 
 
@@ -445,11 +445,30 @@ class EngineReader:
 # --- which reader for a URL -------------------------------------------------------------------
 
 
+def parse_url(url: str) -> Any:
+    """The URL as SQLAlchemy reads it, with the options the direct drivers take checked. A
+    ValueError says what is wrong but never shows the URL, which holds the password (make_url's
+    own errors quote it, or the part around a bad port)."""
+    full = engine_url(url)  # its ValueError names the scheme only
+    try:
+        parsed = make_url(full)
+    except Exception as e:  # an ArgumentError, or int() of a bad port
+        what = type(e).__name__
+        raise ValueError(
+            f"not a database URL SQLAlchemy can read ({what}: is the port a number, are @ : /"
+            " in the password %-escaped?); the URL is not shown, it holds the password"
+        ) from None
+    size = parsed.query.get("prepared_statement_cache_size")
+    if size is not None and not (isinstance(size, str) and size.isascii() and size.isdigit()):
+        raise ValueError("prepared_statement_cache_size must be a whole number, given once")
+    return parsed
+
+
 def open_reader(url: str, pool_size: int, query_timeout: float) -> Reader:
     """The reader for the directory's URL; call it in the event loop that will use it (the
     drivers bind their sockets to it). Makes no connection."""
     scheme = url.partition("://")[0]
-    parsed = make_url(engine_url(url))
+    parsed = parse_url(url)
     options = set(parsed.query)
     backend, _, driver = scheme.partition("+")
     if backend == "sqlite" and driver in ("", "pysqlite") and not options:
@@ -490,6 +509,12 @@ def _postgres(parsed: Any, pool_size: int, query_timeout: float) -> Reader:
     ssl = parsed.query.get("ssl") or parsed.query.get("sslmode")
     if ssl:
         args["ssl"] = ssl
+    # 0 behind PgBouncer's transaction pooling before 1.21, where a statement prepared on one
+    # server connection is unknown on the next: unnamed statements then, a round trip more
+    # per lookup. SQLAlchemy's asyncpg dialect knows the option too (its own cache), so the
+    # admin CLI accepts the same URL.
+    if "prepared_statement_cache_size" in parsed.query:  # checked by parse_url
+        args["statement_cache_size"] = int(parsed.query["prepared_statement_cache_size"])
     return ServerReader(PostgresDriver(args), dialect(), pool_size)  # type: ignore[no-untyped-call]
 
 

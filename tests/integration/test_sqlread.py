@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import sys
 import traceback
 from collections.abc import Awaitable
 from pathlib import Path
@@ -71,6 +72,26 @@ def test_each_url_gets_its_reader(tmp_path: Path) -> None:
             await reader.close()
 
     run(scenario())
+
+
+def test_a_driver_that_is_installed_but_cannot_load_takes_the_engines_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An asyncmy that is found but fails to import (built for another Python): the lookups
+    go through SQLAlchemy on aiomysql, and building the reader does not raise."""
+    broken = tmp_path / "asyncmy"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('built for another Python')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "asyncmy", raising=False)
+
+    async def scenario() -> None:
+        reader = open_reader("mysql://u:p@127.0.0.1:9/db", 1, 1.0)
+        assert type(reader) is EngineReader
+        await reader.close()
+
+    run(scenario())
+    assert "asyncmy cannot be imported" in caplog.text
 
 
 # A password no error message may show (make_url's own errors quote the URL, or its port).

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import importlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -478,21 +478,28 @@ def open_reader(url: str, pool_size: int, query_timeout: float) -> Reader:
 
             return SqliteReader(database, query_timeout)
     postgres = backend in ("postgresql", "postgres") and driver in ("", "asyncpg")
-    if postgres and options <= PG_OPTIONS and _installed("asyncpg"):
+    if postgres and options <= PG_OPTIONS and _importable("asyncpg"):
         return _postgres(parsed, pool_size, query_timeout)
     mysql = backend in ("mysql", "mariadb") and driver in ("", "asyncmy")
     if mysql and options <= MYSQL_OPTIONS:
-        if _installed("asyncmy"):
+        if _importable("asyncmy"):
             return _mysql(parsed, pool_size, query_timeout)
-        log.warning(
-            "directory: asyncmy is not installed, so lookups go through SQLAlchemy and"
-            " aiomysql, three round trips each: pip install asyncmy"
-        )
+        if not driver:
+            log.warning(
+                "directory: asyncmy cannot be imported, so lookups go through SQLAlchemy and"
+                " aiomysql, three round trips each: pip install asyncmy"
+            )
     return EngineReader(url, pool_size)
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def _importable(module: str) -> bool:
+    """Imported, not merely found: an install that cannot load (a C extension built for
+    another Python) must take the engine's path, not fail every login's lookup."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _postgres(parsed: Any, pool_size: int, query_timeout: float) -> Reader:

@@ -27,7 +27,7 @@ from pathlib import Path
 from mailgate.config import ConfigError, Settings
 
 # Driver module -> the pip extra that installs it (pyproject.toml's optional-dependencies).
-EXTRAS = {"asyncpg": "postgresql", "aiomysql": "mysql", "redis": "redis"}
+EXTRAS = {"asyncpg": "postgresql", "aiomysql": "mysql", "asyncmy": "mysql", "redis": "redis"}
 
 
 def check(settings: Settings) -> None:
@@ -134,15 +134,19 @@ def _drivers(settings: Settings) -> list[str]:
 
 
 def _database_driver(url: str) -> str | None:
-    """Build the engine as the directory will (no connection is made): that imports the
-    driver SQLAlchemy picks for this URL and refuses one that is not asyncio."""
+    """Build the engine as the admin CLI will, and the reader as the directory's lookups will
+    (no connection is made): that imports the driver SQLAlchemy picks for this URL (refusing
+    one that is not asyncio) and the one the lookups run on, whichever that is."""
     from sqlalchemy.exc import ArgumentError, InvalidRequestError
 
     from mailgate.auth.schema import make_engine
+    from mailgate.auth.sqlread import open_reader, parse_url
 
     scheme = url.split("://", 1)[0]
     try:
+        parse_url(url)  # its errors never show the URL (make_engine's may: the password)
         engine = make_engine(url, pool_size=1)
+        open_reader(url, pool_size=1, query_timeout=1.0)  # nothing to close: nothing opened
     except ImportError as e:
         module = (e.name or str(e)).split(".")[0]
         return f"directory.url: {scheme}: the driver {module!r} is not installed: {_pip(module)}"

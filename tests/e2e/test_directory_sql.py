@@ -53,6 +53,10 @@ DATABASE = "mailgate_directory"
 # 2-core CI machine's scheduling, not any waiting of ours.
 QUERY_TIMEOUT = 1.0
 SLACK = 1.5
+# How long a frozen server's threads may take to stop; /proc's states of a stopped thread
+# (or one that is exiting).
+STOP_WAIT = 10.0
+STOPPED_STATES = frozenset({"T", "t", "Z", "X"})
 
 
 def mariadb_url(peer: peers.Peer) -> str:
@@ -152,11 +156,30 @@ class Server:
 
     def signal(self, sig: signal.Signals) -> None:
         """To the server and its children: PostgreSQL serves each connection from a child
-        that calls setsid(), so signalling the process group would miss them."""
+        that calls setsid(), so signalling the process group would miss them. SIGSTOP returns
+        once every thread has stopped: kill() returns before that, and mariadbd's threads
+        stop only when the one the kernel handed the signal to gets the CPU, while its
+        connection threads may still answer a query (on a busy machine, one time in a few
+        dozen: the lookup then got a Route during the "outage")."""
         assert self.peer is not None
-        for pid in [self.peer.pid, *children(self.peer.pid)]:
+        pids = [self.peer.pid, *children(self.peer.pid)]
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            deadline = time.monotonic() + STOP_WAIT
+            while not all(stopped(pid) for pid in pids):
+                assert time.monotonic() < deadline, f"{self.kind} did not stop"
+                time.sleep(0.001)
+
+
+def stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is stopped (or gone)."""
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if stat.read_text().rsplit(")", 1)[1].split()[0] not in STOPPED_STATES:
+                return False
+    return True
 
 
 def children(parent: int) -> list[int]:

@@ -823,6 +823,25 @@ class DirectoryBehaviour:
 
         run(scenario())
 
+    def test_custom_queries_may_hold_a_literal_percent_and_colon(self, db_url: str) -> None:
+        """A `%` is no parameter marker for any driver, and `\\:` is a colon (docs)."""
+        queries = DirectoryQueries(
+            password="SELECT clear AS password FROM users"
+            " WHERE email = :user AND clear LIKE '%' LIMIT 1",
+            route="SELECT destination_mailstore AS host FROM transport"
+            " WHERE domain = :domain AND destination_mailstore LIKE 'smtp\\:%' LIMIT 1",
+        )
+
+        async def scenario() -> None:
+            await wipe(db_url)
+            await sql(db_url, *SEED_DDL, "INSERT INTO users VALUES ('bob@example.com', 'bob-pw')",
+                      "INSERT INTO transport VALUES ('example.com', 'smtp:10.0.0.5')")  # fmt: skip
+            async with env(db_url, queries=queries) as e:
+                assert route(await e.auth("bob@example.com", "bob-pw")).host == "10.0.0.5"
+                assert await e.auth("bob@example.com", "wrong") == FAILED
+
+        run(scenario())
+
     # --- outages are temporary -------------------------------------------------------------
 
     def test_missing_tables_and_broken_queries_are_tempfail_not_reject(self, db_url: str) -> None:
@@ -846,6 +865,15 @@ class TestSqliteDirectory(DirectoryBehaviour):
     @pytest.fixture
     def db_url(self, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'directory.db'}"
+
+
+class TestSqliteDirectoryThroughSqlAlchemy(DirectoryBehaviour):
+    """A URL naming another driver is read through SQLAlchemy's engine (auth/sqlread.py's
+    EngineReader), which must behave the same."""
+
+    @pytest.fixture
+    def db_url(self, tmp_path: Path) -> str:
+        return f"sqlite+aiosqlite:///{tmp_path / 'directory.db'}"
 
 
 # --- SQLite only --------------------------------------------------------------------------------

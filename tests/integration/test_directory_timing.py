@@ -104,14 +104,21 @@ def _hash(password: str, scheme: str) -> str:
     return passwords.hash_password(Secret(password), scheme)
 
 
+def guess(i: int) -> Secret:
+    """A wrong password as long as PASSWORD: SHA-crypt's work grows with the password's length
+    (which the client chooses, so it tells nothing of the user), and a shorter guess than the
+    disabled user's right password made that comparison one of lengths."""
+    return Secret(f"guess-{i}".ljust(len(PASSWORD), "x"))
+
+
 def attempt(kind: str, i: int) -> Credentials:
     """unknown: a new name each time (an attacker listing names); wrong: a real user's name
     with a wrong password; disabled: the disabled user with the right password."""
     if kind == "unknown":
-        return Credentials(Method.PLAIN, f"nobody{i}@example.com", Secret("guess-" + str(i)))
+        return Credentials(Method.PLAIN, f"nobody{i}@example.com", guess(i))
     if kind == "wrong":
         user = f"user{1 + i % (USERS - 1)}@example.com"
-        return Credentials(Method.PLAIN, user, Secret("guess-" + str(i)))
+        return Credentials(Method.PLAIN, user, guess(i))
     return Credentials(Method.PLAIN, "user0@example.com", Secret(PASSWORD))
 
 

@@ -160,7 +160,7 @@ def test_a_missing_client_ca_and_backend_ca(certs: Path) -> None:
             "mysql+asyncmy://mail:pw@127.0.0.1/mail",
             "import sys; sys.modules['asyncmy'] = None",
             "directory.url: mysql+asyncmy: the driver 'asyncmy' is not installed: "
-            "pip install asyncmy",
+            "pip install 'mailgate[mysql]'",
         ),
         (
             "postgresql://mail:pw@127.0.0.1/mail",
@@ -203,6 +203,38 @@ def test_a_directory_whose_driver_serve_could_not_load(
     assert result.stderr.startswith(f"mailgate: configuration error: {message}")
     assert len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_mysql_lookups_without_asyncmy_go_through_aiomysql(tmp_path: Path) -> None:
+    """asyncmy runs the lookups when it can be imported; without it they take SQLAlchemy's
+    path on aiomysql, slower but working: check says so and passes."""
+    path = tmp_path / "mailgate.toml"
+    path.write_text(
+        '[[listener]]\nprotocol = "imap"\nlisten = "127.0.0.1:1143"\n'
+        '[directory]\nurl = "mysql://mail:pw@127.0.0.1:9/mail"\n'
+    )
+    result = check(path, prelude="import sys; sys.modules['asyncmy'] = None")
+    assert result.returncode == 0, result.stderr
+    assert "asyncmy cannot be imported, so lookups go through SQLAlchemy" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    # No "@host" (the password is read as the port), no "://" (nothing to cut at).
+    ["mysql://mail:s3cr3t-pw/mail", "mysql//mail:s3cr3t-pw/mail"],
+    ids=["no host", "no scheme"],
+)
+def test_a_url_that_cannot_be_read_is_refused_without_its_password(
+    tmp_path: Path, url: str
+) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text(
+        f'[[listener]]\nprotocol = "imap"\nlisten = "127.0.0.1:1143"\n[directory]\nurl = "{url}"\n'
+    )
+    result = check(path)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("mailgate: configuration error: directory.url: not a database")
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
 
 
 def test_an_installed_driver_passes_without_connecting(tmp_path: Path) -> None:

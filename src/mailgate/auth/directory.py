@@ -11,7 +11,8 @@ an operator's schema), a password check off the event loop, and a `Decision`. Wr
   and an unknown user's password is still checked, against a dummy of the same scheme and
   cost as the users of its domain (`auth/dummy.py`), so the answer takes as long.
 - An outage is never a wrong password: any database error or a query over `query_timeout`
-  is a `TempFail`, and the connection pool is thrown away so the next login reconnects.
+  is a `TempFail`. The queries run on connections kept open (`auth/sqlread.py`), which
+  reconnect by themselves when the database comes back.
 - The reason of every refusal goes to the log (never the password or the stored hash).
 """
 
@@ -23,18 +24,16 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-from sqlalchemy.exc import ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mailgate import names
 from mailgate.auth import passwords, schema
 from mailgate.auth.dummy import Dummies
 from mailgate.auth.oauth import TokenInvalid, TokenUnavailable, TokenValidator
-from mailgate.auth.schema import dispose, engine_url, make_engine
+from mailgate.auth.schema import engine_url
+from mailgate.auth.sqlread import Reader, ReadError, Row, describe, open_reader, parse_url
 from mailgate.config import DirectorySettings, OAuthSettings
 from mailgate.names import BadName
 from mailgate.values import (
@@ -64,9 +63,9 @@ __all__ = [
 
 log = logging.getLogger("mailgate.auth.directory")
 
-# Closing a pool to a server that stopped answering must not hang a login: 2 s, then the
-# old pool is dropped unclosed.
-DISPOSE_TIMEOUT = 2.0
+# Lookups given up on (no answer in query_timeout) and writes in the background, which a
+# closing directory waits for: at most this long.
+CLOSE_TIMEOUT = 4.0
 # Schemes cheap enough to check on the event loop; everything else (argon2, bcrypt, crypt)
 # costs milliseconds and runs in a worker thread so other sessions are not stalled.
 FAST_SCHEMES = ("{PLAIN}", "{CLEARTEXT}", "{PLAIN-MD5}", "{LDAP-MD5}", "{SHA}", "{SHA256}")
@@ -154,7 +153,7 @@ class SqlDirectory:
 
     def __init__(self, settings: DirectorySettings, oauth: OAuthSettings | None = None) -> None:
         self.settings = settings
-        engine_url(settings.url)  # a bad URL fails at start, not at the first login
+        parse_url(settings.url)  # a bad URL fails at start, not at the first login
         q = settings.queries
         self._custom = schema.custom_queries(q.password, q.route) if q is not None else None
         # Not in DirectorySettings yet; an existing schema usually stores clear text.
@@ -162,13 +161,16 @@ class SqlDirectory:
         self._builtin = schema.builtin_login_query()
         self._domain = schema.builtin_domain_query()
         self._app_passwords = schema.builtin_app_passwords_query()
+        self._touch = schema.builtin_touch_app_password()
+        self._sample_query = schema.builtin_password_sample(PRIME_USERS)
+        self._any_app_password = schema.builtin_any_app_password()
         # [oauth]: None when tokens cannot be validated (XOAUTH2/OAUTHBEARER are refused).
         self.tokens = TokenValidator(oauth) if oauth is not None and oauth.validates else None
         # What the error challenge to a refused token says (protocols/sasl.py writes it).
         self._token_challenge = (
             TokenChallenge(oauth.scope, oauth.openid_configuration) if oauth is not None else None
         )
-        self._engine: AsyncEngine | None = None
+        self._reader: Reader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._dummies = Dummies(BUILTIN_SCHEME if q is None else settings.default_scheme)
@@ -199,11 +201,11 @@ class SqlDirectory:
         return verdict.decision
 
     async def close(self) -> None:
-        if self._background:  # abandoned queries and pools being closed: bounded wait
-            await asyncio.wait(set(self._background), timeout=2 * DISPOSE_TIMEOUT)
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            await dispose(engine)
+        if self._background:  # abandoned queries and writes: bounded wait
+            await asyncio.wait(set(self._background), timeout=CLOSE_TIMEOUT)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
         if self.tokens is not None:
             await self.tokens.close()
 
@@ -233,7 +235,7 @@ class SqlDirectory:
             return Verdict(Reject(), "challenge missing", level=logging.ERROR)
         await self._prime_dummies()
         try:
-            record = await self.lookup(user, client.protocol)
+            record = await self._lookup(user, client.protocol)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, level=logging.WARNING)
@@ -302,15 +304,12 @@ class SqlDirectory:
         self._primed = True  # once, even after an outage: no login waits for it twice
 
     async def _sample(
-        self, engine: AsyncEngine, _: dict[str, str]
+        self, reader: Reader, _: dict[str, str]
     ) -> tuple[list[tuple[str, str]], bool]:
         """Stored passwords of the newest users, and whether any user has an app password."""
-        async with engine.connect() as conn:
-            query = schema.builtin_password_sample(PRIME_USERS)
-            rows = (await conn.execute(query)).all()
-            found = await conn.execute(schema.builtin_any_app_password())
-            app_passwords = found.first() is not None
-        return [(str(address), str(stored)) for address, stored in rows], app_passwords
+        rows = await reader.fetch(self._sample_query, {})
+        app_passwords = bool(await reader.fetch(self._any_app_password, {}))
+        return [(str(row["address"]), str(row["password"])) for row in rows], app_passwords
 
     def canonical_name(self, raw: str) -> str:
         """The name as this directory looks it up (the route cache keys on it); BadName."""
@@ -382,15 +381,14 @@ class SqlDirectory:
         return Verdict(route, f"relay ok: {host}:{port}", user=user, level=logging.DEBUG)
 
     async def _query_domain(
-        self, engine: AsyncEngine, params: dict[str, str]
+        self, reader: Reader, params: dict[str, str]
     ) -> tuple[str | None, int | None, BackendTLS | None, str | None, str | None, str | None]:
-        async with engine.connect() as conn:
-            if self._custom is not None:
-                q = self._custom.route
-                row = (await conn.execute(q.clause, q.params(params))).mappings().first()
-                host, port, problem = self._custom_route(row, "smtp")
-                return (None,) * 6 if problem else (host, port, None, host, None, None)
-            row = (await conn.execute(self._domain, params)).mappings().first()
+        if self._custom is not None:
+            q = self._custom.route
+            row = _first(await reader.fetch(q.clause, q.params(params)))
+            host, port, problem = self._custom_route(row, "smtp")
+            return (None,) * 6 if problem else (host, port, None, host, None, None)
+        row = _first(await reader.fetch(self._domain, params))
         if row is None or not row["domain_active"] or not row["ms_active"]:
             return (None,) * 6
         port = row["ms_smtp_port"] or self.settings.ports.get("smtp")
@@ -422,7 +420,7 @@ class SqlDirectory:
         if given != user:
             return Verdict(refused, f"token is for {user}, the client logged in as {given}", given)
         try:
-            record = await self.lookup(user, client.protocol)
+            record = await self._lookup(user, client.protocol)
         except DirectoryUnavailable as e:
             reason = f"directory unavailable: {e}"
             return Verdict(TempFail(reason), reason, user, logging.WARNING)
@@ -531,11 +529,8 @@ class SqlDirectory:
         dummy = await self._app_dummies.stored_for(user, domain)
         return await asyncio.to_thread(_match_app_password, rows, creds.secret, protocol, dummy)
 
-    async def _query_app_passwords(
-        self, engine: AsyncEngine, params: dict[str, str]
-    ) -> list[Mapping[Any, Any]]:
-        async with engine.connect() as conn:
-            return list((await conn.execute(self._app_passwords, params)).mappings().all())
+    async def _query_app_passwords(self, reader: Reader, params: dict[str, str]) -> list[Row]:
+        return await reader.fetch(self._app_passwords, params)
 
     def _touch_app_password(self, app_id: int, last_used: dt.datetime | None) -> None:
         """Record when an app password was last used, at most every LAST_USED_STEP: a write
@@ -543,16 +538,12 @@ class SqlDirectory:
         now = dt.datetime.now(dt.UTC)
         if last_used is not None and now - _utc(last_used) < LAST_USED_STEP:
             return
-        engine = self._current_engine()
-        update = (
-            schema.app_passwords.update()
-            .where(schema.app_passwords.c.id == app_id)
-            .values(last_used_at=now)
-        )
+        reader = self._current_reader()
+        values = {"app_id": app_id, "used_at": now}
 
         async def write() -> None:
-            async with asyncio.timeout(self.settings.query_timeout), engine.begin() as conn:
-                await conn.execute(update)
+            async with asyncio.timeout(self.settings.query_timeout):
+                await reader.write(self._touch, values)
 
         self._track(asyncio.ensure_future(write()))
 
@@ -561,48 +552,55 @@ class SqlDirectory:
     async def lookup(self, user: str, protocol: str) -> UserRecord | None:
         """The user's record for `protocol`, or None. Raises DirectoryUnavailable."""
         try:
-            user, domain = normalise_user(user, lower_local=self._custom is None)
+            user, _ = normalise_user(user, lower_local=self._custom is None)
         except BadUserName:
             return None
-        params = {"user": user, "domain": domain, "protocol": protocol}
+        return await self._lookup(user, protocol)
+
+    async def _lookup(self, user: str, protocol: str) -> UserRecord | None:
+        """`lookup` for a name normalised already (by `explain`: not twice per login)."""
+        params = {"user": user, "domain": names.split(user)[1], "protocol": protocol}
         return await self._guarded(self._query, params)
 
     async def _guarded(
         self,
-        query: Callable[[AsyncEngine, dict[str, str]], Coroutine[Any, Any, T]],
+        query: Callable[[Reader, dict[str, str]], Coroutine[Any, Any, T]],
         params: dict[str, str],
     ) -> T:
-        """Run one query under query_timeout; any failure is DirectoryUnavailable."""
-        engine = self._current_engine()
-        # The query runs in its own task so that giving up on it is instant: cancelling a
-        # query can wait on the driver (a SQLite busy handler, a socket to a frozen server),
-        # and that clean-up must not hold the client. It finishes in the background.
-        task = asyncio.ensure_future(query(engine, params))
+        """Run one lookup under query_timeout; any failure is DirectoryUnavailable."""
+        reader = self._current_reader()
+        # The lookup runs in its own task so that giving up on it is instant: a cancelled
+        # query closes its connection, or leaves a SQLite thread to finish its step, and that
+        # must not hold the client. Its clean-up finishes in the background.
+        task = asyncio.ensure_future(query(reader, params))
         try:
             done, _ = await asyncio.wait((task,), timeout=self.settings.query_timeout)
-        except asyncio.CancelledError:  # the client went away: the pool is fine
+        except asyncio.CancelledError:  # the client went away: the other connections are fine
             task.cancel()
             self._track(task)
             raise
         if not done:
             task.cancel()
-            self._retire(engine, task)
+            self._track(task)
+            reader.abandoned(task)
             raise DirectoryUnavailable(f"no answer in {self.settings.query_timeout:g} s")
         try:
             return task.result()
-        except DirectoryUnavailable:
-            raise
+        except (DirectoryUnavailable, ReadError) as e:
+            raise DirectoryUnavailable(str(e)) from None
         except Exception as e:  # an error of unknown kind is temporary (design rule 5)
-            if not isinstance(e, ProgrammingError):  # a broken query is not a broken pool
-                self._retire(engine, None)
-            raise DirectoryUnavailable(_describe(e)) from None
+            raise DirectoryUnavailable(describe(e)) from None
 
-    async def _query(self, engine: AsyncEngine, params: dict[str, str]) -> UserRecord | None:
-        async with engine.connect() as conn:
-            if self._custom is not None:
-                return await self._lookup_custom(conn, params)
-            row = (await conn.execute(self._builtin, params)).mappings().first()
-        return None if row is None else self._builtin_record(row, params["protocol"])
+    async def _query(self, reader: Reader, params: dict[str, str]) -> UserRecord | None:
+        if self._custom is not None:
+            return await self._lookup_custom(reader, params)
+        row = _first(await reader.fetch(self._builtin, params))
+        if row is None:  # not even the empty row: the query is not schema.py's
+            raise DirectoryUnavailable("the login query returned no row")
+        # Built for an unknown user too (from NULLs and the domain's mailstore): the work
+        # must not tell the two apart.
+        record = self._builtin_record(row, params["protocol"])
+        return None if row["address"] is None else record
 
     def _builtin_record(self, row: Mapping[Any, Any], protocol: str) -> UserRecord:
         refused = next(
@@ -617,8 +615,8 @@ class SqlDirectory:
             tls = BackendTLS(row["ms_tls"]) if row["ms_tls"] else None
         master = row["ms_master_password"]
         return UserRecord(
-            user=row["address"],
-            login=row["address"],
+            user=row["address"] or "",
+            login=row["address"] or "",
             password=Secret(row["password"]) if row["password"] is not None else None,
             refused=refused,
             problem=problem,
@@ -636,24 +634,22 @@ class SqlDirectory:
             protocol=protocol,
         )
 
-    async def _lookup_custom(
-        self, conn: AsyncConnection, params: dict[str, str]
-    ) -> UserRecord | None:
+    async def _lookup_custom(self, reader: Reader, params: dict[str, str]) -> UserRecord | None:
         assert self._custom is not None
         q = self._custom
-        row = (await conn.execute(q.password.clause, q.password.params(params))).mappings().first()
+        found = _first(await reader.fetch(q.password.clause, q.password.params(params)))
         # The route is queried and read for an unknown user too: less work would tell.
-        route = (await conn.execute(q.route.clause, q.route.params(params))).mappings().first()
+        route = _first(await reader.fetch(q.route.clause, q.route.params(params)))
         host, port, problem = self._custom_route(route, params["protocol"])
-        if row is None:
-            return None
+        # An unknown user's record is built too, from no columns: the same work either way.
+        row = found if found is not None else _NO_USER
         if "password" not in row:
             raise DirectoryUnavailable("directory.queries.password returns no 'password' column")
         raw = _text(row["password"])
         refused = None if _truthy(_column(row, "active", True)) else "user disabled"
         login = _text(_column(row, "user")) or params["user"]
         s = self.settings
-        return UserRecord(
+        record = UserRecord(
             user=_identity(_column(row, "user"), params["user"]),
             login=login,
             password=Secret(self._tag(raw)) if raw else None,
@@ -666,6 +662,7 @@ class SqlDirectory:
             master_password=s.master_password if s.master_user else None,
             protocol=params["protocol"],
         )
+        return record if found is not None else None
 
     def _custom_route(
         self, row: Mapping[Any, Any] | None, protocol: str
@@ -686,36 +683,20 @@ class SqlDirectory:
     def _tag(self, stored: str) -> str:
         return stored if _TAGGED.match(stored) else f"{{{self._default_scheme}}}{stored}"
 
-    # --- the pool ------------------------------------------------------------------------------
+    # --- the connections --------------------------------------------------------------------------
 
-    def _current_engine(self) -> AsyncEngine:
-        # Created in the running loop: asyncio drivers bind their sockets to it.
+    def _current_reader(self) -> Reader:
+        # Made in the running loop: asyncio drivers bind their sockets to it.
         loop = asyncio.get_running_loop()
-        if self._engine is None or self._loop is not loop:
-            self._engine = make_engine(self.settings.url, self.settings.pool_size)
+        if self._reader is None or self._loop is not loop:
+            s = self.settings
+            self._reader = open_reader(s.url, s.pool_size, s.query_timeout)
             self._loop = loop
-        return self._engine
-
-    def _retire(self, engine: AsyncEngine, task: asyncio.Future[Any] | None) -> None:
-        """Forget a pool after an error so the next login opens fresh connections.
-
-        The old pool is closed in the background once its stuck query (if any) has let go.
-        """
-        if self._engine is engine:
-            self._engine = None
-        self._track(asyncio.ensure_future(_dispose_after(engine, task)))
+        return self._reader
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._background.add(task)
         task.add_done_callback(_forget(self._background))
-
-
-async def _dispose_after(engine: AsyncEngine, task: asyncio.Future[Any] | None) -> None:
-    if task is not None:
-        await asyncio.wait((task,), timeout=DISPOSE_TIMEOUT)
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(DISPOSE_TIMEOUT):
-            await dispose(engine)
 
 
 def _forget(tasks: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
@@ -753,6 +734,8 @@ _SALTED = frozenset({Method.CRAM_MD5, Method.APOP})
 _APP_PASSWORD_METHODS = frozenset({Method.PLAIN, Method.LOGIN})
 # How stale an app password's last_used_at may get before a login writes it again.
 LAST_USED_STEP = dt.timedelta(minutes=5)
+# What an operator's password query "returns" for an unknown user (see _lookup_custom).
+_NO_USER: Mapping[str, Any] = {"password": None}
 # (column, reason) in the order a refusal is explained.
 _ACTIVE_FLAGS = (
     ("user_active", "user disabled"),
@@ -762,7 +745,7 @@ _ACTIVE_FLAGS = (
 
 
 def _match_app_password(
-    rows: list[Mapping[Any, Any]], password: Secret, protocol: str, dummy: str
+    rows: Sequence[Mapping[str, Any]], password: Secret, protocol: str, dummy: str
 ) -> tuple[int, str, dt.datetime | None] | None:
     """(id, label, last used) of an app password that is for `protocol`, has not expired
     and matches. Values sharing a salt and cost (`passwords.salt_group`: all that mailgate
@@ -807,6 +790,10 @@ async def _run_check(creds: Credentials, stored: str) -> bool:
     return await asyncio.to_thread(_CHECKS[creds.method], stored, creds)
 
 
+def _first(rows: list[Row]) -> Row | None:
+    return rows[0] if rows else None
+
+
 def _identity(returned: object, queried: str) -> str:
     """The user an operator's password query matched: its `user` column, normalised (case
     kept, as the database judges it), else the name it was asked for."""
@@ -834,10 +821,3 @@ def _truthy(value: object) -> bool:
     if isinstance(value, str | bytes):
         return _text(value).strip().lower() not in _FALSE
     return bool(value)
-
-
-def _describe(e: BaseException) -> str:
-    """The error class and the driver's own class: enough to act on, nothing bound."""
-    orig = getattr(e, "orig", None)
-    name = type(e).__name__
-    return f"{name} ({type(orig).__name__}: {str(orig)[:160]})" if orig is not None else name

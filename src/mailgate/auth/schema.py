@@ -37,12 +37,15 @@ from sqlalchemy import (
     Table,
     TextClause,
     UniqueConstraint,
+    Update,
     bindparam,
     false,
     func,
     inspect,
+    literal_column,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -213,7 +216,8 @@ def engine_url(url: str) -> str:
     """Pick the asyncio driver: sqlite:///x -> sqlite+aiosqlite:///x, and so on."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"not a database URL: {url.split('@')[-1]!r}")
+        # Not echoed: without "://" there is no telling where its password is.
+        raise ValueError("not a database URL (scheme://user:password@host/database)")
     if "+" in scheme:
         return url  # the operator named a driver
     if scheme not in _DRIVERS:
@@ -391,12 +395,15 @@ async def version(conn: AsyncConnection) -> int | None:
 
 
 def builtin_login_query() -> Select[tuple[object, ...]]:
-    """One row per known user: password, the three active flags and the effective mailstore.
+    """One row for any name: the user's password, the three active flags and the effective
+    mailstore, or NULLs in the user's columns when there is no such user.
 
-    One round trip per login. The user's own mailstore (a moved mailbox) wins over the
-    domain's; both joins are outer so a user whose domain row is missing still comes back
-    (and is refused with a reason in the log rather than as "unknown user"). The count of
-    app passwords saves the second query for the users (most) who have none.
+    One round trip per login. The row comes back for an unknown user too, with the domain's
+    mailstore, so the database and the directory do the same work for a name that does not
+    exist as for one that does (the time of the answer must not tell them apart). The user's
+    own mailstore (a moved mailbox) wins over the domain's; a user whose domain row is missing
+    still comes back (and is refused with a reason in the log rather than as "unknown user").
+    The count of app passwords saves the second query for the users (most) who have none.
     """
     ms = mailstores
     n_app_passwords = (
@@ -405,6 +412,7 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
         .correlate(users)
         .scalar_subquery()
     )
+    one_row = select(literal_column("1").label("one")).subquery("one_row")
     return (
         select(
             users.c.address,
@@ -426,10 +434,10 @@ def builtin_login_query() -> Select[tuple[object, ...]]:
             ms.c.smtp_login.label("ms_smtp_login"),
             ms.c.pool.label("ms_pool"),
         )
-        .select_from(users)
+        .select_from(one_row)
+        .outerjoin(users, users.c.address == bindparam("user"))
         .outerjoin(domains, domains.c.name == bindparam("domain"))
         .outerjoin(ms, ms.c.id == func.coalesce(users.c.mailstore_id, domains.c.mailstore_id))
-        .where(users.c.address == bindparam("user"))
         .limit(1)
     )
 
@@ -461,6 +469,15 @@ def builtin_app_passwords_query() -> Select[tuple[object, ...]]:
         .where(users.c.address == bindparam("user"))
         .order_by(app_passwords.c.id)
         .limit(MAX_APP_PASSWORDS)
+    )
+
+
+def builtin_touch_app_password() -> Update:
+    """Record when an app password (:app_id) was last used (:used_at)."""
+    return (
+        update(app_passwords)
+        .where(app_passwords.c.id == bindparam("app_id"))
+        .values(last_used_at=bindparam("used_at", type_=app_passwords.c.last_used_at.type))
     )
 
 

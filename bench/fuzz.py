@@ -83,7 +83,8 @@ def load_targets() -> dict[str, Callable[[int, bytes, int], None]]:
     }
     success = {"imap": b"OK Logged in", "pop3": b"+OK Logged in.", "smtp": b"235 2.7.0 Ok"}
     # Bit 2 turns the OAuth mechanisms on, with a short or the default max_token: the
-    # long-token paths (line limit, SASL lines, the RFC 7628 failure flow).
+    # long-token paths (line limit, SASL lines, the RFC 7628 failure flow). Bit 1 makes the
+    # client trusted: its ID and XCLIENT claims of an address count.
     oauth = ("xoauth2", "oauthbearer")
 
     def policy(protocol: str, o: int) -> PreAuthPolicy:
@@ -93,7 +94,7 @@ def load_targets() -> dict[str, Callable[[int, bytes, int], None]]:
             capabilities=("IDLE", "SIZE 1000"),
             starttls=bool(o & 8), tls_active=bool(o & 16), starttls_only=bool(o & 32),
             greeting="fuzz", max_errors=1 + (o >> 6), max_line=(64, 8192)[o & 1],
-            max_token=(1024, 16384)[o >> 7],
+            max_token=(1024, 16384)[o >> 7], trusted=bool(o & 2),
         )  # fmt: skip
 
     def client_core(make: Callable[[PreAuthPolicy], Any], protocol: str) -> Callable[..., None]:
@@ -232,13 +233,16 @@ SEEDS = {
         b"a1 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
         b"a1 STARTTLS\r\na2 LOGIN {4}\r\nuser {4+}\r\npass\r\n",
         b'a ID ("name" "x")\r\na1 AUTHENTICATE CRAM-MD5\r\ndXNlciAwMTIz\r\n',
+        b'a ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "1")\r\na1 LOGIN u p\r\n',
     ],
     "pop3": [b"CAPA\r\nUSER u\r\nPASS p\r\n", b"STLS\r\nAUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n",
              b"AUTH XOAUTH2 " + XOAUTH2_MESSAGE + b"\r\n*\r\n",
-             b"APOP u 0123456789abcdef0123456789abcdef\r\nQUIT\r\n"],
+             b"APOP u 0123456789abcdef0123456789abcdef\r\nQUIT\r\n",
+             b"XCLIENT ADDR=IPV6:2001:db8::1 PORT=1 NAME=x+2E\r\nUSER u\r\nPASS p\r\n"],
     "smtp": [b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", b"EHLO c\r\nSTARTTLS\r\n",
              b"EHLO c\r\nAUTH OAUTHBEARER " + OAUTHBEARER_MESSAGE + b"\r\nAQ==\r\n",
-             b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"],
+             b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n",
+             b"EHLO c\r\nXCLIENT ADDR=192.0.2.7 PORT=[UNAVAILABLE]\r\nEHLO c\r\nAUTH LOGIN\r\n"],
     "backend-imap": [
         b"* OK ready\r\nmg1 OK go\r\nmg2 OK id\r\nmg3 OK [CAPABILITY IMAP4rev1] in\r\n",
         b"* OK [CAPABILITY IMAP4rev1 STARTTLS] x\r\n+ go\r\nmg3 NO [UNAVAILABLE] x\r\n",

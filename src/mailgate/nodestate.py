@@ -40,6 +40,7 @@ class Verdict(Enum):
     LOCKED = "locked"  # a lock-out is running for the address or the user
     BUDGET = "budget"  # failures and attempts in flight have reached lockout_after
     CONCURRENT = "concurrent"  # too many attempts in flight at once (a temporary refusal)
+    MOVING = "moving"  # the user is being moved (cluster.py): a temporary refusal
 
 
 @dataclass(frozen=True, slots=True)

@@ -387,7 +387,7 @@ class Session:
             reason = f"x-proxy-ttl {creds.proxy_ttl} from the client: no hop left (a loop?)"
             plan = NoBackend(reason, "loop")
         else:
-            plan = router.plan(route, protocol, affinity_key(route, self.client.ip))
+            plan = await router.plan_login(route, protocol, affinity_key(route, self.client.ip))
         failure: BackendError | None = None
         while not isinstance(plan, NoBackend) and (target := plan.next()) is not None:
             self.backend = target.name

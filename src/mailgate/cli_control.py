@@ -45,11 +45,24 @@ def register(sub: Any, load_settings: LoadSettings) -> None:
     backend.add_argument("action", choices=("list", "up", "down", "drain"))
     backend.add_argument("name", nargs="?", metavar="NAME")
     backend.add_argument("--json", action="store_true", help="the members as a JSON list")
+    backend.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="drain, [cluster], affinity pools: move N users at a time ([cluster] move_parallel)",
+    )
+    backend.add_argument(
+        "--no-move",
+        action="store_true",
+        help="drain only: leave the users where they are (they move as they reconnect)",
+    )
 
 
 def _run(args: argparse.Namespace, load_settings: LoadSettings, run: Callable[..., int]) -> int:
     try:
-        path = control_socket_path(load_settings(args.config))
+        args.settings = None
+        args.settings = load_settings(args.config)
+        path = control_socket_path(args.settings)
     except ConfigError:
         if run is not _reload:
             raise
@@ -84,6 +97,8 @@ def _reload(args: argparse.Namespace, path: Any) -> int:
 def _who(args: argparse.Namespace, path: Any) -> int:
     answer = request(path, {"op": "who", "user": args.user, "backend": args.backend})
     sessions: list[dict[str, Any]] = answer["sessions"]
+    if answer.get("note"):
+        print(f"mailgate: {answer['note']}", file=sys.stderr)
     if args.json:
         json.dump(sessions, sys.stdout, indent=2)
         print()
@@ -110,6 +125,8 @@ def _kick(args: argparse.Namespace, path: Any) -> int:
         print("mailgate: kick needs a USER or --backend B", file=sys.stderr)
         return EXIT_USAGE
     answer = request(path, {"op": "kick", "user": args.user, "backend": args.backend})
+    if answer.get("note"):
+        print(f"mailgate: {answer['note']}", file=sys.stderr)
     print(f"kicked {answer['kicked']} sessions")
     return EXIT_OK
 
@@ -157,6 +174,8 @@ def _backend(args: argparse.Namespace, path: Any) -> int:
         json.dump(members, sys.stdout, indent=2)
         print()
         return EXIT_OK
+    if answer.get("note"):
+        print(f"mailgate: {answer['note']}", file=sys.stderr)
     if members is None:
         print(f"{args.action}: {', '.join(str(e) for e in answer.get('events', [])) or 'done'}")
         return EXIT_OK
@@ -173,6 +192,15 @@ def _backend(args: argparse.Namespace, path: Any) -> int:
         for m in members
     ]
     _table(("MEMBER", "HOST", "STATE", "ADMIN", "FAILURES", "WEIGHT", "SESSIONS"), rows)
+    settings = args.settings
+    cluster = settings is not None and settings.cluster.redis_url
+    if args.action == "drain" and cluster and not args.no_move:
+        from mailgate import clusteradmin  # affinity pools: the users assigned there move now
+
+        for m in members:
+            code = clusteradmin.run_drain(settings, f"{m['pool']}/{m['member']}", args.parallel)
+            if code != EXIT_OK:
+                return code
     return EXIT_OK
 
 

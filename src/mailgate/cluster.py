@@ -461,8 +461,10 @@ class WorkerCluster:
     async def start(self) -> None:
         """Say hello to Redis (bounded by `[cluster] timeout`): up, or degraded from the
         start; then keep the heartbeat."""
-        await self._beat()
-        if not self.store.healthy:
+        await self._beat(starting=True)
+        if self.store.healthy:
+            log.debug("Redis (%s): connected as %s", self.where, self.owner)
+        else:
             log.warning("Redis (%s) does not answer at start: counting on this node", self.where)
         self._tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
 
@@ -487,8 +489,10 @@ class WorkerCluster:
             with contextlib.suppress(Exception):
                 await self._beat()
 
-    async def _beat(self) -> None:
+    async def _beat(self, starting: bool = False) -> None:
         store = self.store
+        if not store.healthy and not starting:
+            await self.redis.reset()  # connections from before the outage are likely dead
         try:
             refresh = store.due_refresh(self.expires) if store.healthy else []
             unknown, reaped, leases = await self.redis.heartbeat(store.lease_ms, refresh)
@@ -501,9 +505,9 @@ class WorkerCluster:
         if reaped:
             self.reaped += reaped
             log.info("cluster: %d owners stopped their heartbeat; %d leases freed", reaped, leases)
-        if not store.healthy:
+        if not store.healthy and not starting:
             log.warning("Redis (%s) is back: counting in the cluster again", self.where)
-            store.healthy = True
+        store.healthy = True
 
     # --- the registry -------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailgate.cluster")
 
-# A kick waits this long for the other nodes to say how many sessions they ended.
-KICK_WAIT = 2.0
-KICK_POLL = 0.05
+# How long the other nodes keep a kick's count for the kicker to read.
+KICK_REPLY_TTL = 20.0
 # The subscription's connection is checked this often (a Redis that went away without a
 # reset would otherwise leave it waiting for messages that never come).
 PING_INTERVAL = 5.0
@@ -61,6 +59,7 @@ class NodeCluster:
         self.redis = RedisState(client, settings.cluster.prefix, self.me + "supervisor")
         self.keys = self.redis.keys
         self.subscribed = False
+        self._ever_subscribed = False
         self._tasks: list[asyncio.Task[Any]] = []
 
     def start(self) -> None:
@@ -118,8 +117,11 @@ class NodeCluster:
 
     async def _connected(self) -> None:
         # Invalidations may have been published while we were not listening: forget it all
-        # (each route cache's TTL is the safety net while Redis is away).
-        await self.supervisor.fanout("flush")
+        # (each route cache's TTL is the safety net while Redis is away). At start the
+        # caches are empty: nothing to forget.
+        if self._ever_subscribed:
+            await self.supervisor.fanout("flush")
+        self._ever_subscribed = True
         await self._load_admin()
         if not self.subscribed:
             log.info("cluster: subscribed to %s", self.where)
@@ -183,28 +185,16 @@ class NodeCluster:
     async def kick(self, user: str | None, backend: str | None) -> int:
         """End the matching sessions on the other nodes; how many they ended (those that
         answered within KICK_WAIT)."""
-        kick_id = secrets.token_hex(8)
-        message = json.dumps({"id": kick_id, "user": user, "backend": backend, "from": self.me})
-        receivers = int(await self.redis.call("PUBLISH", self.channel("kick"), message))
-        expected = max(0, receivers - (1 if self.subscribed else 0))
-        replies, total = 0, 0
-        deadline = time.monotonic() + KICK_WAIT
-        key = self.keys("kr", kick_id)
-        while replies < expected and time.monotonic() < deadline:
-            answer = await self.redis.call("LPOP", key)
-            if answer is None:
-                await asyncio.sleep(KICK_POLL)
-                continue
-            replies += 1
-            total += int(answer)
-        return total
+        from mailgate.clusteradmin import kick
+
+        return await kick(self.redis, user, backend, self.me, skip=1 if self.subscribed else 0)
 
     async def _kicked(self, data: dict[str, Any]) -> None:
         user, backend = data.get("user"), data.get("backend")
         counts = await self.supervisor.fanout("kick", user, backend)
         key = self.keys("kr", str(data.get("id")))
         await self.redis.call("RPUSH", key, sum(counts))
-        await self.redis.call("PEXPIRE", key, int(KICK_WAIT * 10_000))
+        await self.redis.call("PEXPIRE", key, int(KICK_REPLY_TTL * 1000))
         if sum(counts):
             log.info("cluster: kicked %d sessions (%s %s)", sum(counts), user or "", backend or "")
 

@@ -431,6 +431,14 @@ class RedisState:
     async def ping(self) -> None:
         await self.call("PING")
 
+    async def reset(self) -> None:
+        """Drop every pooled connection (after an outage they may all be dead: a Redis that
+        restarted closed them), so the next command connects afresh."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
+
 
 def _text(value: Any) -> str:
     if isinstance(value, bytes):

@@ -153,11 +153,16 @@ class RedisState:
         return "" if now is None else str(now)
 
     async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script (a pipeline: one round trip). Callers that race here
+        each load them: harmless, and `_shas` is only ever complete or empty."""
         try:
-            for name, source in SCRIPTS.items():
-                self._shas[name] = await self.client.script_load(source)
+            pipe = self.client.pipeline(transaction=False)
+            for source in SCRIPTS.values():
+                pipe.script_load(source)
+            shas = await pipe.execute()
         except self._errors as e:
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
+        self._shas = {name: _text(sha) for name, sha in zip(SCRIPTS, shas, strict=True)}
 
     async def run(self, script: str, *args: Any) -> Any:
         """One script, waited for: one round trip (two after Redis lost the scripts)."""

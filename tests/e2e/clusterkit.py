@@ -69,9 +69,12 @@ class Imap:
 
     def command(self, tag: bytes, text: bytes) -> list[bytes]:
         self.sock.sendall(tag + b" " + text + b"\r\n")
-        lines = []
+        lines: list[bytes] = []
         while True:
-            line = self.line()
+            try:
+                line = self.line()
+            except ConnectionError as e:  # what came before the close says why (a BYE)
+                raise ConnectionError(f"{e} after {lines!r}") from None
             lines.append(line)
             if line.startswith(tag + b" "):
                 return lines

@@ -558,6 +558,8 @@ def test_a_store_drained_under_load_never_has_a_user_on_two_stores(cluster: Clus
     idle = []
     try:
         for user in users(38, 42):  # long sessions, one per node: the drain kicks those on a
+            if user in users(38, 40):  # two of them surely are there
+                admin_here(cluster.node(1).config, "user", "move", user, "--to", "stores/a")
             for node in (1, 2, 3):
                 idle.append((user, cluster.imap(node)))
                 assert b"a OK" in idle[-1][1].login(user, USERS[user])
@@ -567,7 +569,12 @@ def test_a_store_drained_under_load_never_has_a_user_on_two_stores(cluster: Clus
             return found if len(found) == 4 else {}
 
         store_of = wait_until(listed, "who lists the idle sessions")
-        with Load(lambda: cluster.imap(), load_users, threads=4, hold=0.2) as load:
+        # More logins of the idle users: a new session of a user who still has one on the
+        # draining store must go there too (until the user is moved), never to b.
+        with (
+            Load(lambda: cluster.imap(), load_users, threads=3, hold=0.2) as load,
+            Load(lambda: cluster.imap(), users(38, 42), threads=2, hold=0.05) as idle_load,
+        ):
             time.sleep(2.0)
             started = time.time()
             out = subprocess.run(
@@ -579,13 +586,15 @@ def test_a_store_drained_under_load_never_has_a_user_on_two_stores(cluster: Clus
             assert out.returncode == 0, (out.stdout, out.stderr)
             drained = time.time()
             time.sleep(2.0)
+        cluster.assert_never_split()
         on_a_after = [
             line for line in cluster.store_log("a").splitlines()
             if (m := _LOGIN.match(line)) and _stamp(m.group(1)) > drained + 0.5
         ]  # fmt: skip
         assert not on_a_after, f"logins on the drained store after the drain: {on_a_after[:3]}"
-        assert not load.errors(), load.errors()[:5]
+        assert not load.errors() and not idle_load.errors(), (load.errors(), idle_load.errors())
         assert load.outcomes(since=drained).get("ok", 0) > 0
+        assert "tempfail" in idle_load.outcomes(started, drained), "logins wait while moving"
         for user, session in idle:
             if store_of[user] == "stores/a":
                 assert b"* BYE" in session.rest()

@@ -116,7 +116,11 @@ def _who(args: argparse.Namespace, path: Any) -> int:
         )
         for s in sessions
     ]
-    _table(("USER", "PROTOCOL", "CLIENT", "BACKEND", "TLS", "SINCE", "IN", "OUT"), rows)
+    headers: tuple[str, ...] = ("USER", "PROTOCOL", "CLIENT", "BACKEND", "TLS", "SINCE", "IN", "OUT")
+    if any("node" in s for s in sessions):  # [cluster]: every node's sessions (bytes: ours)
+        headers = ("NODE", *headers)
+        rows = [(str(s.get("node", "-")), *row) for s, row in zip(sessions, rows, strict=True)]
+    _table(headers, rows)
     return EXIT_OK
 
 
@@ -137,6 +141,14 @@ def _stats(args: argparse.Namespace, path: Any) -> int:
         print(f"{key}: {answer[key]}")
     print(f"handshakes: {answer['handshakes']}")
     print(f"throttled keys: {answer['throttled']}")
+    if "node" in answer:  # [cluster]
+        print(f"node: {answer['node']}; cluster: {', '.join(answer.get('cluster_nodes', []))}")
+    if "redis_up" in answer:
+        up, workers = answer["redis_up"], answer["workers"]
+        print(f"redis: {up} of {workers} workers count in the cluster")
+        print(f"redis round trips: {answer['redis_round_trips']} ({answer['redis_logins']} logins)")
+    if "cluster" in answer:
+        print(f"cluster: {answer['cluster']}")
     return EXIT_OK
 
 

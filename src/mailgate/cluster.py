@@ -116,6 +116,7 @@ class Ticket:
     lease_used: bool = False
     claims: dict[tuple[str, str], Claim] = field(default_factory=dict)
     held: set[tuple[str, str]] = field(default_factory=set)  # claims with a pending entry
+    user_failures: int = 0  # the user's failures when the attempt began
 
 
 TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
@@ -191,6 +192,7 @@ class ClusterStore:
             self._ticket(attempt, False)
             return await self.node.begin(attempt)
         TICKET.set(ticket)
+        ticket.user_failures = answer.user_failures
         if answer.lease:
             ticket.lease_status = answer.lease
             ticket.lease = (attempt.user, attempt.ip, attempt.trusted)
@@ -220,13 +222,19 @@ class ClusterStore:
         if outcome != "ok":  # the attempt's leases and claims go back with it
             lease, ticket.lease, ticket.lease_status = self._taken_lease(ticket), None, ""
             claims, ticket.held = tuple(ticket.held), set()
-        args = (ticket.id, self.throttle, attempt.ip, attempt.user or "", attempt.trusted,
-                outcome, identity or "", lease, claims)  # fmt: skip
         if not self.healthy:  # Redis went away during the login: Redis is told at resync
             return await self.node.end(attempt, outcome, identity)
-        if outcome != "failed" and identity is None:
-            self.redis.settle_later(*args)
+        if outcome == "ok" and identity is None and not ticket.user_failures:
+            self.redis.settled_later(ticket.id, attempt.ip, attempt.user or "")
             return Settled(0, 0)
+        if outcome != "failed" and identity is None:
+            leases = lease_keys(*lease) if lease is not None else []
+            self.redis.settle_later(
+                ticket.id, attempt.ip, attempt.user or "", outcome, leases, claims
+            )
+            return Settled(0, 0)
+        args = (ticket.id, self.throttle, attempt.ip, attempt.user or "", attempt.trusted,
+                outcome, identity or "", lease, claims)  # fmt: skip
         try:
             s = await self.redis.settle(*args)
         except RedisUnavailable as e:

@@ -13,8 +13,8 @@ Keys (B is "{prefix}:", a hash tag: every key is in one Redis Cluster slot):
     B tu:<ip:..>            set: hashes of the users an address failed as (spraying)
     B trecent               zset key -> last failure: what `throttle show` lists
     B mv:<user>             a directory move is under way: logins get a temporary failure
-    B l:<lease>             the cluster's count of a lease ("u:alice", "ui:alice|ip", "i:ip",
-                            "a|pool|alice": alice's sessions on an affinity pool)
+    B l                     hash lease -> the cluster's count ("u:alice", "ui:alice|ip",
+                            "i:ip", "a|pool|alice": alice's sessions on an affinity pool)
     B o:<owner>             hash lease -> count: what one worker holds (reaped when it dies)
     B live                  zset owner -> heartbeat deadline
     B s:<owner>             hash session id -> JSON: the registry behind `mailgate who`
@@ -43,9 +43,7 @@ local function num() return tonumber(arg()) end
 local function counter(k, window)
   local h = redis.call('HMGET', B .. 't:' .. k, 'ws', 'f', 'lu')
   local c = {k = k, ws = tonumber(h[1]), f = tonumber(h[2]) or 0, lu = tonumber(h[3]) or 0}
-  local zk = B .. 'ti:' .. k
-  redis.call('ZREMRANGEBYSCORE', zk, '-inf', now)
-  c.inflight = redis.call('ZCARD', zk)
+  c.inflight = redis.call('ZCOUNT', B .. 'ti:' .. k, '(' .. now, '+inf')
   if not c.ws then
     c.ws, c.f, c.lu, c.dirty = now, 0, 0, true
   elseif now - c.ws >= window then
@@ -57,24 +55,37 @@ local function counter(k, window)
   return c
 end
 
+-- Attempts in flight live at most this long (a login's whole time, with room to spare): the
+-- in-flight set of a counter is kept that much longer than its window.
+local INFLIGHT_MS = 300000
+
 local function save(c, window)
   local key = B .. 't:' .. c.k
   redis.call('HSET', key, 'ws', c.ws, 'f', c.f, 'lu', c.lu)
-  local keep = math.max(c.ws + window, c.lu) - now
-  redis.call('PEXPIRE', key, math.max(keep, 1000))
+  local keep = math.max(math.max(c.ws + window, c.lu) - now, 1000)
+  redis.call('PEXPIRE', key, keep)
+  -- Saved at least once a window while it is used; tickets settled leave an empty set
+  -- (Redis deletes it), those of a dead node go with the set at the latest.
+  redis.call('PEXPIRE', B .. 'ti:' .. c.k, keep + INFLIGHT_MS)
 end
 
 local function spraying(ip, limit)
   return limit > 0 and redis.call('SCARD', B .. 'tu:' .. ip.k) > limit
 end
 
+local LEASES = B .. 'l'
+
 local function lease_total(lk)
-  return tonumber(redis.call('GET', B .. 'l:' .. lk) or '0')
+  return tonumber(redis.call('HGET', LEASES, lk) or '0')
 end
 
 local function lease_add(owner, lk, n)
-  redis.call('INCRBY', B .. 'l:' .. lk, n)
+  redis.call('HINCRBY', LEASES, lk, n)
   redis.call('HINCRBY', B .. 'o:' .. owner, lk, n)
+end
+
+local function lease_sub(lk, n)
+  if redis.call('HINCRBY', LEASES, lk, -n) <= 0 then redis.call('HDEL', LEASES, lk) end
 end
 
 local function lease_drop(owner, lk)
@@ -82,8 +93,21 @@ local function lease_drop(owner, lk)
   local held = tonumber(redis.call('HGET', ok, lk) or '0')
   if held <= 0 then return 0 end  -- never ours, or reaped while we were away
   if held == 1 then redis.call('HDEL', ok, lk) else redis.call('HINCRBY', ok, lk, -1) end
-  if redis.call('DECR', B .. 'l:' .. lk) <= 0 then redis.call('DEL', B .. 'l:' .. lk) end
+  lease_sub(lk, 1)
   return 1
+end
+
+-- Everything an owner holds goes (it died, or writes it all again); how many leases.
+local function lease_forget(owner)
+  local ok = B .. 'o:' .. owner
+  local held = redis.call('HGETALL', ok)
+  local n = 0
+  for i = 1, #held, 2 do
+    n = n + tonumber(held[i + 1])
+    lease_sub(held[i], tonumber(held[i + 1]))
+  end
+  redis.call('DEL', ok)
+  return n
 end
 
 local function present(...)
@@ -107,16 +131,48 @@ local function list(n)
 end
 
 local function others(pool, user)
-  local pk = B .. 'ap:' .. pool .. ':' .. user
-  redis.call('ZREMRANGEBYSCORE', pk, '-inf', now)
-  return redis.call('ZCARD', pk) + lease_total('a|' .. pool .. '|' .. user)
+  local pending = redis.call('ZCOUNT', B .. 'ap:' .. pool .. ':' .. user, '(' .. now, '+inf')
+  return pending + lease_total('a|' .. pool .. '|' .. user)
 end
 
-local function touch(pool, user, member, expire)
+-- The member's index of its users (what a drain moves) is kept fresh by logins, sessions
+-- and their holders' heartbeats; `prune` drops entries none of them refreshed for a while.
+local function touch(pool, user, member, expire, prune)
   local index = B .. 'am:' .. pool .. ':' .. member
   redis.call('ZADD', index, now, user)
-  -- Entries refreshed neither by a login nor by a holder's heartbeat for this long are gone.
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now - 2 * expire)
+  if prune then redis.call('ZREMRANGEBYSCORE', index, '-inf', now - 2 * expire) end
+end
+
+local function settle_quick(ticket, ipk, user, reset)
+  redis.call('ZREM', B .. 'ti:ip:' .. ipk, ticket)
+  if user ~= '' then
+    local uk = B .. 't:user:' .. user
+    redis.call('ZREM', B .. 'ti:user:' .. user, ticket)
+    if reset then
+      local f = redis.call('HGET', uk, 'f')
+      if f and f ~= '0' then redis.call('HSET', uk, 'f', 0) end
+    end
+  end
+end
+
+local function session_start(owner, ticket, pool, user, member, expire)
+  redis.call('ZREM', B .. 'ap:' .. pool .. ':' .. user, ticket)
+  lease_add(owner, 'a|' .. pool .. '|' .. user, 1)
+  local rk = B .. 'a:' .. pool .. ':' .. user
+  local m = redis.call('HGET', rk, 'm')
+  if not m then redis.call('HSET', rk, 'm', member); m = member end
+  redis.call('PEXPIRE', rk, expire)
+  touch(pool, user, member, expire, false)
+  return m
+end
+
+local function session_end(owner, pool, user, member, expire)
+  lease_drop(owner, 'a|' .. pool .. '|' .. user)
+  local rk = B .. 'a:' .. pool .. ':' .. user
+  if redis.call('HGET', rk, 'm') == member then
+    redis.call('PEXPIRE', rk, expire)
+    touch(pool, user, member, expire, false)
+  end
 end
 """
 
@@ -161,9 +217,9 @@ if do_throttle then
   end
   if verdict == 'allowed' then
     for _, c in ipairs(present(ip, u)) do
-      local zk = B .. 'ti:' .. c.k
-      redis.call('ZADD', zk, deadline, ticket)
-      redis.call('PEXPIRE', zk, deadline - now + 1000)
+      if redis.call('ZADD', B .. 'ti:' .. c.k, deadline, ticket) == 1 and c.inflight == 0 then
+        c.dirty = true  -- a new set: save() gives it its time to live
+      end
     end
   end
   for _, c in ipairs(present(ip, u)) do if c.dirty then save(c, window) end end
@@ -181,9 +237,12 @@ if do_lease then
     checks[#checks + 1] = {'ui:' .. lease_user .. '|' .. ipk, per_user_ip, 'per_user_ip'}
   end
   if not trusted then checks[#checks + 1] = {'i:' .. ipk, per_ip, 'per_ip'} end
+  local names = {}
+  for i, check in ipairs(checks) do names[i] = check[1] end
+  local totals = #names > 0 and redis.call('HMGET', LEASES, unpack(names)) or {}
   local refusal = ''
-  for _, check in ipairs(checks) do
-    if check[2] > 0 and lease_total(check[1]) >= check[2] then refusal = check[3]; break end
+  for i, check in ipairs(checks) do
+    if check[2] > 0 and (tonumber(totals[i]) or 0) >= check[2] then refusal = check[3]; break end
   end
   if refusal == '' then
     for _, check in ipairs(checks) do lease_add(owner, check[1], 1) end
@@ -216,12 +275,12 @@ for _ = 1, num() do
     if status == 'ok' and not chosen then status = 'none' end
   end
   if status == 'ok' then
-    if chosen ~= m then
+    if chosen ~= m then  -- (a kept assignment is refreshed when its session starts)
       redis.call('HSET', rk, 'm', chosen)
       if m then redis.call('ZREM', B .. 'am:' .. pool .. ':' .. m, who) end
+      redis.call('PEXPIRE', rk, expire)
+      touch(pool, who, chosen, expire, true)
     end
-    redis.call('PEXPIRE', rk, expire)
-    touch(pool, who, chosen, expire)
     local pk = B .. 'ap:' .. pool .. ':' .. who
     redis.call('ZADD', pk, deadline, ticket)
     redis.call('PEXPIRE', pk, deadline - now + 1000)
@@ -302,52 +361,56 @@ return {ip.f, user_f, table.concat(locked, ','), spray, identity_locked and 1 or
 """
 )
 
-# Give back one session's leases (the end of a session, a login that did not get relayed).
-RELEASE = (
+# What logins and sessions tell Redis without waiting, queued and sent as one script per batch
+# (redisstore.py), in order: `settle` (an attempt that logged in, or failed temporarily: its
+# reservation goes; a temporary failure gives back its leases and claims too), `release` (a
+# session's leases), `claims` (affinity claims a login did not use), `start` (a relayed
+# session on an affinity member: its claim becomes a session; a record naming another member
+# is a split, returned as {op number, pool, user, member, assigned}), `end` (that session
+# ended: the user stays assigned for user_expire from now).
+BATCH = (
     PRELUDE
     + r"""
 local owner = arg()
-local n = 0
-for _ = 1, num() do n = n + lease_drop(owner, arg()) end
-return n
-"""
-)
-
-# A relayed session began on an affinity member: the login's claims become a session, counted
-# under the owner (its heartbeat keeps it); a record that disagrees is a split, reported back.
-SESSION_START = (
-    PRELUDE
-    + r"""
-local owner, ticket, pool, user, member, expire = arg(), arg(), arg(), arg(), arg(), num()
-local claims = list(2 * num())
-claims[#claims + 1] = pool
-claims[#claims + 1] = user
-for i = 1, #claims, 2 do
-  redis.call('ZREM', B .. 'ap:' .. claims[i] .. ':' .. claims[i + 1], ticket)
+local out = {}
+local index = 0
+while cursor < #ARGV do
+  index = index + 1
+  local op, n = arg(), num()
+  local stop = cursor + n
+  if op == 'settle' then
+    local ticket, ipk, user, outcome = arg(), arg(), arg(), arg()
+    settle_quick(ticket, ipk, user, outcome == 'ok')
+    for _ = 1, num() do lease_drop(owner, arg()) end
+    while cursor < stop do
+      local pool, who = arg(), arg()
+      redis.call('ZREM', B .. 'ap:' .. pool .. ':' .. who, ticket)
+    end
+  elseif op == 'release' then
+    while cursor < stop do lease_drop(owner, arg()) end
+  elseif op == 'claims' then
+    local ticket = arg()
+    while cursor < stop do
+      local pool, who = arg(), arg()
+      redis.call('ZREM', B .. 'ap:' .. pool .. ':' .. who, ticket)
+    end
+  elseif op == 'start' then
+    local ticket, pool, user, member, expire = arg(), arg(), arg(), arg(), num()
+    while cursor < stop do
+      local p, who = arg(), arg()
+      redis.call('ZREM', B .. 'ap:' .. p .. ':' .. who, ticket)
+    end
+    local m = session_start(owner, ticket, pool, user, member, expire)
+    if m ~= member then
+      for _, v in ipairs({index, pool, user, member, m}) do out[#out + 1] = v end
+    end
+  elseif op == 'end' then
+    local pool, user, member, expire = arg(), arg(), arg(), num()
+    session_end(owner, pool, user, member, expire)
+  end
+  cursor = stop
 end
-lease_add(owner, 'a|' .. pool .. '|' .. user, 1)
-local rk = B .. 'a:' .. pool .. ':' .. user
-local m = redis.call('HGET', rk, 'm')
-if not m then redis.call('HSET', rk, 'm', member); m = member end
-redis.call('PEXPIRE', rk, expire)
-touch(pool, user, member, expire)
-if m ~= member then return {pool, user, member, m} end
-return {}
-"""
-)
-
-# A session on an affinity member ended: the user stays assigned for user_expire from now.
-SESSION_END = (
-    PRELUDE
-    + r"""
-local owner, pool, user, member, expire = arg(), arg(), arg(), arg(), num()
-lease_drop(owner, 'a|' .. pool .. '|' .. user)
-local rk = B .. 'a:' .. pool .. ':' .. user
-if redis.call('HGET', rk, 'm') == member then
-  redis.call('PEXPIRE', rk, expire)
-  touch(pool, user, member, expire)
-end
-return 1
+return out
 """
 )
 
@@ -367,20 +430,14 @@ for _ = 1, num() do
   local rk = B .. 'a:' .. pool .. ':' .. user
   if redis.call('HGET', rk, 'm') == member then
     redis.call('PEXPIRE', rk, expire)
-    touch(pool, user, member, expire)
+    touch(pool, user, member, expire, false)
   end
 end
 local dead = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 20)
 local leases = 0
 for _, d in ipairs(dead) do
-  local held = redis.call('HGETALL', B .. 'o:' .. d)
-  for i = 1, #held, 2 do
-    leases = leases + tonumber(held[i + 1])
-    if redis.call('DECRBY', B .. 'l:' .. held[i], held[i + 1]) <= 0 then
-      redis.call('DEL', B .. 'l:' .. held[i])
-    end
-  end
-  redis.call('DEL', B .. 'o:' .. d, B .. 's:' .. d)
+  leases = leases + lease_forget(d)
+  redis.call('DEL', B .. 's:' .. d)
   redis.call('ZREM', live, d)
 end
 return {added, #dead, leases}
@@ -392,15 +449,8 @@ REAP = (
     PRELUDE
     + r"""
 local owner = arg()
-local held = redis.call('HGETALL', B .. 'o:' .. owner)
-local leases = 0
-for i = 1, #held, 2 do
-  leases = leases + tonumber(held[i + 1])
-  if redis.call('DECRBY', B .. 'l:' .. held[i], held[i + 1]) <= 0 then
-    redis.call('DEL', B .. 'l:' .. held[i])
-  end
-end
-redis.call('DEL', B .. 'o:' .. owner, B .. 's:' .. owner)
+local leases = lease_forget(owner)
+redis.call('DEL', B .. 's:' .. owner)
 redis.call('ZREM', B .. 'live', owner)
 return leases
 """
@@ -413,14 +463,7 @@ RESYNC = (
     PRELUDE
     + r"""
 local owner, lease = arg(), num()
-local ok = B .. 'o:' .. owner
-local held = redis.call('HGETALL', ok)
-for i = 1, #held, 2 do
-  if redis.call('DECRBY', B .. 'l:' .. held[i], held[i + 1]) <= 0 then
-    redis.call('DEL', B .. 'l:' .. held[i])
-  end
-end
-redis.call('DEL', ok)
+lease_forget(owner)
 for _ = 1, num() do
   local lk, n = arg(), num()
   if n > 0 then lease_add(owner, lk, n) end
@@ -437,7 +480,7 @@ for _ = 1, num() do
   end
   if m == member then
     redis.call('PEXPIRE', rk, expire)
-    touch(pool, user, member, expire)
+    touch(pool, user, member, expire, false)
   else
     conflicts[#conflicts + 1] = pool
     conflicts[#conflicts + 1] = user
@@ -532,7 +575,7 @@ if not abort then
     redis.call('HDEL', rk, 'm')
   else
     redis.call('HSET', rk, 'm', to)
-    touch(pool, user, to, expire)
+    touch(pool, user, to, expire, true)
   end
   m = to ~= '' and to or nil
 end
@@ -544,9 +587,7 @@ return 1
 SCRIPTS = {
     "login": LOGIN,
     "settle": SETTLE,
-    "release": RELEASE,
-    "session_start": SESSION_START,
-    "session_end": SESSION_END,
+    "batch": BATCH,
     "heartbeat": HEARTBEAT,
     "reap": REAP,
     "resync": RESYNC,

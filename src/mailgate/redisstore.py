@@ -106,7 +106,7 @@ class SettleAnswer:
 
 @dataclass(slots=True)
 class _Op:
-    script: str | None  # None: a plain command
+    name: str  # an operation of the BATCH script
     args: list[Any]
     done: Callable[[Any], None] | None = None
 
@@ -183,15 +183,12 @@ class RedisState:
         except self._errors as e:
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
 
-    def later(
-        self, script: str | None, *args: Any, done: Callable[[Any], None] | None = None
-    ) -> None:
-        """Queue a script (or, with script None, a plain command) for the next batch."""
+    def later(self, op: str, *args: Any, done: Callable[[Any], None] | None = None) -> None:
+        """Queue one operation of the BATCH script (redislua.py) for the next batch."""
         if len(self._queue) >= MAX_QUEUED:
             self.counters.dropped += 1
             return
-        argv = [self.keys.base, self._now(), *args] if script is not None else list(args)
-        self._queue.append(_Op(script, argv, done))
+        self._queue.append(_Op(op, list(args), done))
         if not self._scheduled and not self._flushing:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
@@ -211,46 +208,40 @@ class RedisState:
                 ops, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
                     await self._send(ops)
-                except self._errors as e:
-                    self.counters.dropped += len(ops) + len(self._queue)
-                    self._queue.clear()
-                    self.on_error(RedisUnavailable(f"{type(e).__name__}: {e}"))
                 except RedisUnavailable as e:
-                    self.counters.dropped += len(ops) + len(self._queue)
-                    self._queue.clear()
-                    self.on_error(e)
+                    self._give_up(ops, e)
+                except self._errors as e:
+                    self._give_up(ops, _unavailable(e))
         finally:
             self._flushing = False
 
+    def _give_up(self, ops: list[_Op], error: RedisUnavailable) -> None:
+        """Redis did not take a batch: what waits is dropped too (the worker writes what it
+        holds again once Redis answers), and the worker counts on the node meanwhile."""
+        self.counters.dropped += len(ops) + len(self._queue)
+        self._queue.clear()
+        self.on_error(error)
+
     async def _send(self, ops: list[_Op]) -> None:
+        """One BATCH script for all of `ops`, in order: one round trip, not waited for."""
         from redis.exceptions import NoScriptError
 
+        argv: list[Any] = [self.keys.base, self._now(), self.owner]
+        for op in ops:
+            argv += [op.name, len(op.args), *op.args]
         if not self._shas:
             await self.load_scripts()
-        results = await self._pipeline(ops)
-        if any(isinstance(r, NoScriptError) for r in results):
+        try:
+            result = await self.client.evalsha(self._shas["batch"], 1, self.keys.live, *argv)
+        except NoScriptError:
             await self.load_scripts()
-            again = [op for op, r in zip(ops, results, strict=True) if isinstance(r, NoScriptError)]
-            redone = iter(await self._pipeline(again))
-            results = [next(redone) if isinstance(r, NoScriptError) else r for r in results]
+            result = await self.client.evalsha(self._shas["batch"], 1, self.keys.live, *argv)
         self.counters.batches += 1
         self.counters.batched += len(ops)
-        for op, result in zip(ops, results, strict=True):
-            if isinstance(result, Exception):
-                log.debug("batched %s failed: %s", op.script, result)
-                continue
+        for i in range(0, len(result), 5):  # {op number, pool, user, member, assigned}
+            op = ops[int(result[i]) - 1]
             if op.done is not None:
-                op.done(result)
-
-    async def _pipeline(self, ops: list[_Op]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for op in ops:
-            if op.script is None:
-                pipe.execute_command(*op.args)
-            else:
-                pipe.evalsha(self._shas[op.script], 1, self.keys.live, *op.args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+                op.done(tuple(_text(r) for r in result[i + 1 : i + 5]))
 
     async def close(self) -> None:
         if self._queue and not self._flushing:
@@ -293,9 +284,10 @@ class RedisState:
         )
         verdict, ip_f, user_f, spray, locked_ms, lease = answer[:6]
         rest = answer[6:]
-        claims = tuple(
+        claims = tuple(  # none when the attempt was refused
             Claim(c.pool, c.user, _text(rest[2 * i]), _text(rest[2 * i + 1]))
             for i, c in enumerate(req.claims)
+            if 2 * i + 1 < len(rest)
         )
         return LoginAnswer(
             _text(verdict),
@@ -341,16 +333,31 @@ class RedisState:
             bool(int(identity_locked)),
         )
 
-    def settle_later(self, *args: Any) -> None:
-        self.later("settle", *self._settle_args(*args))
+    def settle_later(
+        self,
+        ticket: str,
+        ip: str,
+        user: str,
+        outcome: str,
+        leases: Sequence[str] = (),
+        claims: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Settle a login that succeeded ("ok": the user's failures are cleared) or failed
+        temporarily ("tempfail": its leases and claims go back too), without waiting."""
+        flat = [part for claim in claims for part in claim]
+        self.later("settle", ticket, ip, user, outcome, len(leases), *leases, *flat)
+
+    def settled_later(self, ticket: str, ip: str, user: str) -> None:
+        """A successful login of a user without failures: only its reservation goes."""
+        self.later("settle", ticket, ip, user, "kept", 0)
 
     def release_later(self, leases: Sequence[str]) -> None:
         if leases:
-            self.later("release", self.owner, len(leases), *leases)
+            self.later("release", *leases)
 
     def drop_claims_later(self, ticket: str, claims: Sequence[tuple[str, str]]) -> None:
-        for pool, user in claims:
-            self.later(None, "ZREM", self.keys("ap", pool, user), ticket)
+        if claims:
+            self.later("claims", ticket, *[part for claim in claims for part in claim])
 
     def session_start_later(
         self,
@@ -365,16 +372,12 @@ class RedisState:
         flat = [part for claim in claims for part in claim]
 
         def done(result: Any) -> None:
-            if result:
-                conflict(*(_text(r) for r in result))
+            conflict(*result)
 
-        self.later(
-            "session_start", self.owner, ticket, pool, user, member, expire_ms, len(claims),
-            *flat, done=done,
-        )  # fmt: skip
+        self.later("start", ticket, pool, user, member, expire_ms, *flat, done=done)
 
     def session_end_later(self, pool: str, user: str, member: str, expire_ms: int) -> None:
-        self.later("session_end", self.owner, pool, user, member, expire_ms)
+        self.later("end", pool, user, member, expire_ms)
 
     # --- the worker's life ----------------------------------------------------------------------
 
@@ -443,6 +446,10 @@ class RedisState:
         if pool is not None:
             with contextlib.suppress(Exception):
                 await pool.disconnect()
+
+
+def _unavailable(e: BaseException) -> RedisUnavailable:
+    return RedisUnavailable(f"{type(e).__name__}: {e}")
 
 
 def _text(value: Any) -> str:

@@ -116,7 +116,8 @@ def _who(args: argparse.Namespace, path: Any) -> int:
         )
         for s in sessions
     ]
-    headers: tuple[str, ...] = ("USER", "PROTOCOL", "CLIENT", "BACKEND", "TLS", "SINCE", "IN", "OUT")
+    headers: tuple[str, ...] = ("USER", "PROTOCOL", "CLIENT", "BACKEND", "TLS", "SINCE")
+    headers += ("IN", "OUT")
     if any("node" in s for s in sessions):  # [cluster]: every node's sessions (bytes: ours)
         headers = ("NODE", *headers)
         rows = [(str(s.get("node", "-")), *row) for s, row in zip(sessions, rows, strict=True)]

@@ -103,7 +103,7 @@ def _who(args: argparse.Namespace, path: Any) -> int:
         json.dump(sessions, sys.stdout, indent=2)
         print()
         return EXIT_OK
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             s["user"] or "-",
             s["protocol"],

@@ -156,10 +156,13 @@ class RedisState:
         """SCRIPT LOAD every script (a pipeline: one round trip). Callers that race here
         each load them: harmless, and `_shas` is only ever complete or empty."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for source in SCRIPTS.values():
-                pipe.script_load(source)
-            shas = await pipe.execute()
+            if hasattr(self.client, "get_nodes"):  # Redis Cluster: loaded on every node
+                shas = [await self.client.script_load(source) for source in SCRIPTS.values()]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for source in SCRIPTS.values():
+                    pipe.script_load(source)
+                shas = await pipe.execute()
         except self._errors as e:
             raise RedisUnavailable(f"{type(e).__name__}: {e}") from None
         self._shas = {name: _text(sha) for name, sha in zip(SCRIPTS, shas, strict=True)}

@@ -7,9 +7,9 @@ asyncio client and its connection pool. Two kinds of calls:
   the user's affinity member, all in one script), `settle` of a failed attempt (the delay and
   the lock-out depend on the counts), the heartbeat, the operator's commands;
 - batched, not waited for: the settlement of a successful attempt, the start and end of a
-  session, a lease given back. They are queued and sent together, in one pipeline, on the
-  event loop's next turn (under load many logins share one), so they cost a login no wait
-  and Redis one round trip per batch.
+  session, a lease given back. They are queued for BATCH_DELAY and sent together, as one
+  script (under load many logins share one), so they cost a login no wait and Redis one
+  round trip per batch.
 
 Every failure of Redis (down, slow, failing over, read-only) raises `RedisUnavailable`, or for
 a batch calls `on_error`: the caller counts locally meanwhile (cluster.py).
@@ -32,6 +32,10 @@ log = logging.getLogger("mailgate.cluster")
 # Operations one batch carries at most; more wait for the next (a pipeline of thousands of
 # scripts would hold Redis for milliseconds, and the buffer here for as long).
 MAX_BATCH = 500
+# How long the first operation of a batch waits for others to join it: the batch's round trip
+# costs a worker far more CPU (redis-py) than the Lua costs Redis, and nothing waits for it
+# (a lease given back is seen this much later, which no client can tell).
+BATCH_DELAY = 0.01
 # Operations waiting at most, when Redis is slow: past this they are dropped (and the state
 # written again once Redis answers: cluster.py's resync), never held without bound.
 MAX_QUEUED = 20_000
@@ -194,7 +198,7 @@ class RedisState:
         self._queue.append(_Op(op, list(args), done))
         if not self._scheduled and not self._flushing:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+            asyncio.get_running_loop().call_later(BATCH_DELAY, self._start_flush)
 
     def _start_flush(self) -> None:
         self._scheduled = False

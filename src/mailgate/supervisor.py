@@ -72,6 +72,13 @@ class WorkerProcess:
     started: float = field(default_factory=time.monotonic)
 
 
+def _same_node_services(old: Settings, new: Settings) -> None:
+    """[cluster] and health_listen belong to the supervisor, made at start: a reload that
+    changes them is refused (restart instead). Raises ConfigError."""
+    if old.cluster != new.cluster or old.health_listen != new.health_listen:
+        raise ConfigError("[cluster] and health_listen changes need a restart, not a reload")
+
+
 def listener_key(listener: ListenerSettings) -> tuple[str, int]:
     return (listener.host, listener.port)
 
@@ -464,6 +471,7 @@ class Supervisor:
         try:
             settings = config.load(source)
             preflight(settings)
+            _same_node_services(self.settings, settings)  # cluster hook
             fresh = self._bind(settings)
         except (ConfigError, OSError) as e:
             return False, f"the new configuration was not applied: {e}"

@@ -208,3 +208,11 @@ def test_the_health_endpoint_says_when_to_send_clients() -> None:
     assert starting.startswith(b"HTTP/1.1 503 ") and starting.endswith(b"starting redis=up\n")
     assert serving_.startswith(b"HTTP/1.1 200 OK") and serving_.endswith(b"ok redis=up\n")
     assert draining.startswith(b"HTTP/1.1 503 ") and b"draining" in draining
+
+
+def test_the_haproxy_config_in_the_docs_is_the_tested_one() -> None:
+    root = Path(__file__).resolve().parents[2]
+    example = (root / "examples" / "haproxy-cluster.cfg").read_text().rstrip("\n")
+    docs = (root / "docs" / "scale-out.md").read_text()
+    block = docs.split("```haproxy\n", 1)[1].split("\n```", 1)[0]
+    assert block == example

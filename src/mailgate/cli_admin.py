@@ -199,12 +199,12 @@ def _password_options(p: argparse.ArgumentParser) -> None:
 # --- running a command ------------------------------------------------------------------------
 
 
-def _handler(run: Command, load_settings: LoadSettings) -> Handler:
+def _handler(run: Command, load_settings: LoadSettings, *, publish: bool = True) -> Handler:
     def handle(args: argparse.Namespace) -> int:
         try:
             settings = _directory_settings(args, load_settings)
             code = asyncio.run(run(args, settings))
-            if code == EXIT_OK:
+            if code == EXIT_OK and publish:
                 _published(args, load_settings)
             return code
         except UsageError as e:
@@ -236,6 +236,8 @@ def _user_move_handler(load_settings: LoadSettings) -> Handler:
     """A member of an affinity pool is a move in the cluster (Redis: no directory needed);
     anything else is the directory's mailstore for the user."""
     directory_move = _handler(_user_move, load_settings)
+    check_move = _handler(_user_move_check, load_settings, publish=False)
+    cluster_move = _handler(_user_move, load_settings, publish=False)  # run_directory_move does
 
     def handle(args: argparse.Namespace) -> int:
         target = args.to or args.mailstore
@@ -250,6 +252,13 @@ def _user_move_handler(load_settings: LoadSettings) -> Handler:
             clusteradmin.find_member(settings, target), str
         ):
             return clusteradmin.run_move(settings, args.address, target)
+        if settings.cluster.redis_url:  # sessions end everywhere, caches forget at once
+            checked = check_move(args)  # a typo must not end anybody's sessions
+            if checked != EXIT_OK:
+                return checked
+            return clusteradmin.run_directory_move(
+                settings, args.address, lambda: cluster_move(args)
+            )
         return directory_move(args)
 
     return handle
@@ -586,6 +595,11 @@ async def _user_disable(args: argparse.Namespace, s: DirectorySettings) -> int:
 async def _user_move(args: argparse.Namespace, s: DirectorySettings) -> int:
     await _admin(s, lambda e: admin.move_user(e, args.address, args.mailstore))
     print(f"user {args.address.lower()} now logs in on {args.mailstore}")
+    return EXIT_OK
+
+
+async def _user_move_check(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.check_move(e, args.address, args.mailstore))
     return EXIT_OK
 
 

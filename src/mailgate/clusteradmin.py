@@ -66,21 +66,24 @@ def changed_scope(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 def publish_change(settings: Settings, scope: dict[str, str]) -> str | None:
-    """Tell every node; None when done, else why not (the change itself is made: caches
-    then learn it within cache_ttl)."""
-
-    async def run() -> None:
-        redis = client(settings)
-        try:
-            await redis.call("PUBLISH", channel(redis, "inval"), json.dumps(scope))
-        finally:
-            await redis.close()
-
-    try:
-        asyncio.run(run())
-    except RedisUnavailable as e:
-        return f"Redis unavailable ({e}): the nodes' route caches learn it within cache_ttl"
+    """Tell every node, and wait until their route caches forgot; None when all did, else
+    why not (the change itself is made: caches then learn it within cache_ttl)."""
+    silent = _with_redis(settings, lambda redis: forget_everywhere(redis, scope))
+    if isinstance(silent, str):
+        return f"{silent}: the nodes' route caches learn it within cache_ttl"
+    if silent:
+        return f"{silent} nodes did not confirm within {KICK_WAIT:g} s: theirs within cache_ttl"
     return None
+
+
+async def forget_everywhere(redis: RedisState, scope: dict[str, str]) -> int:
+    """Publish a directory change; once every node's caches forgot it (each node's
+    subscriber answers after its workers did, KICK_WAIT at most): how many did not answer."""
+    ack_id = secrets.token_hex(8)
+    message = json.dumps({**scope, "id": ack_id})
+    receivers = int(await redis.call("PUBLISH", channel(redis, "inval"), message))
+    replies, _ = await _replies(redis, ack_id, receivers)
+    return receivers - replies
 
 
 # --- kicks ----------------------------------------------------------------------------------
@@ -94,10 +97,16 @@ async def kick(
     kick_id = secrets.token_hex(8)
     message = json.dumps({"id": kick_id, "user": user, "backend": backend, "from": origin})
     receivers = int(await redis.call("PUBLISH", channel(redis, "kick"), message))
-    expected = max(0, receivers - skip)
+    _, total = await _replies(redis, kick_id, max(0, receivers - skip))
+    return total
+
+
+async def _replies(redis: RedisState, reply_id: str, expected: int) -> tuple[int, int]:
+    """The nodes' answers to a published message (each pushes a number on `kr:<id>`):
+    how many answered within KICK_WAIT, and the sum of their numbers."""
     replies, total = 0, 0
     deadline = time.monotonic() + KICK_WAIT
-    key = redis.keys("kr", kick_id)
+    key = redis.keys("kr", reply_id)
     while replies < expected and time.monotonic() < deadline:
         answer = await redis.call("LPOP", key)
         if answer is None:
@@ -105,7 +114,7 @@ async def kick(
             continue
         replies += 1
         total += int(answer)
-    return total
+    return replies, total
 
 
 # --- moves ------------------------------------------------------------------------------------
@@ -219,6 +228,50 @@ def run_move(settings: Settings, user: str, target: str) -> int:
         return 1
     print(f"{user} moved to {pool.name}/{member} ({moved.kicked} sessions ended)")
     return 0
+
+
+def run_directory_move(settings: Settings, user: str, write: Callable[[], int]) -> int:
+    """A user moved to another directory mailstore, in the cluster: their logins get a
+    temporary failure meanwhile, their sessions (and logins on their way) end on every node,
+    `move_delay` later `write` changes the directory, and logins resume once every node's
+    route cache forgot the old route."""
+    from mailgate.auth.throttle import user_key
+
+    c = settings.cluster
+    moving_key = ("mv", user_key(user) or user)  # the login script's check, by its name
+
+    async def begin(redis: RedisState) -> int:
+        ttl_ms = int(c.move_timeout * 1000)
+        await redis.call("SET", redis.keys(*moving_key), "1", "PX", ttl_ms)
+        kicked = await kick(redis, user, None, "admin")
+        await asyncio.sleep(c.move_delay)  # the old store finishes what it writes
+        return kicked
+
+    async def end(redis: RedisState) -> int:
+        try:
+            return await forget_everywhere(redis, {"user": user})
+        finally:
+            await redis.call("DEL", redis.keys(*moving_key))
+
+    kicked = _with_redis(settings, begin)
+    if isinstance(kicked, str):
+        print(
+            f"mailgate: {kicked}: moved in the directory only (sessions on the nodes not "
+            "ended; their route caches learn it within cache_ttl)",
+            file=sys.stderr,
+        )
+        return write()
+    try:
+        code = write()
+    finally:
+        silent = _with_redis(settings, end)
+    if isinstance(silent, str):
+        print(f"mailgate: {silent}: route caches learn it within cache_ttl", file=sys.stderr)
+    elif silent:
+        print(f"mailgate: {silent} nodes did not confirm within {KICK_WAIT:g} s", file=sys.stderr)
+    if code == 0:
+        print(f"{kicked} sessions of {user} ended on every node")
+    return code
 
 
 def run_drain(settings: Settings, name: str, parallel: int | None) -> int:

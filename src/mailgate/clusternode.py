@@ -2,7 +2,8 @@
 
 - It listens on Redis pub/sub for what other nodes and the admin commands publish:
   `kick` (end a user's sessions, or a backend's, on every node: `mailgate kick` on any node),
-  `inval` (a user, domain or mailstore changed in the directory: the route caches forget it),
+  `inval` (a user, domain or mailstore changed in the directory: the route caches forget it,
+  then the node answers: the admin command waits for every node before it returns),
   `admin` (`mailgate backend up|down|drain` on any node: every node applies it). When the
   subscription is (re)made, every worker's route cache is flushed (it may have missed
   invalidations meanwhile) and the operator's backend states are read from Redis again.
@@ -150,6 +151,8 @@ class NodeCluster:
                 await self._kicked(data)
             elif channel == self.channel("inval"):
                 await self.supervisor.fanout("cluster.forget", data)
+                if data.get("id"):  # the admin command waits for every node's caches
+                    await self._reply(str(data["id"]), 1)
             elif channel == self.channel("admin") and data.get("from") != self.me:
                 self._apply_admin(str(data.get("action")), str(data.get("name")))
 
@@ -192,11 +195,15 @@ class NodeCluster:
     async def _kicked(self, data: dict[str, Any]) -> None:
         user, backend = data.get("user"), data.get("backend")
         counts = await self.supervisor.fanout("kick", user, backend)
-        key = self.keys("kr", str(data.get("id")))
-        await self.redis.call("RPUSH", key, sum(counts))
-        await self.redis.call("PEXPIRE", key, int(KICK_REPLY_TTL * 1000))
+        await self._reply(str(data.get("id")), sum(counts))
         if sum(counts):
             log.info("cluster: kicked %d sessions (%s %s)", sum(counts), user or "", backend or "")
+
+    async def _reply(self, reply_id: str, value: int) -> None:
+        """Answer an admin command waiting for every node (clusteradmin._replies)."""
+        key = self.keys("kr", reply_id)
+        await self.redis.call("RPUSH", key, value)
+        await self.redis.call("PEXPIRE", key, int(KICK_REPLY_TTL * 1000))
 
     # --- the operator's backend states ---------------------------------------------------------
 

@@ -13,6 +13,7 @@ Keys (B is "{prefix}:", a hash tag: every key is in one Redis Cluster slot):
     B tu:<ip:..>            set: hashes of the users an address failed as (spraying)
     B trecent               zset key -> last failure: what `throttle show` lists
     B mv:<user>             a directory move is under way: logins get a temporary failure
+    B kr:<id>               list: the nodes' answers to a kick or an invalidation
     B l                     hash lease -> the cluster's count ("u:alice", "ui:alice|ip",
                             "i:ip", "a|pool|alice": alice's sessions on an affinity pool)
     B o:<owner>             hash lease -> count: what one worker holds (reaped when it dies)

@@ -24,6 +24,13 @@ POLL = 0.05
 
 def admin_here(config: Path, *argv: str, stdin: str = "") -> str:
     """One admin command in this process (cli.main), as an operator runs it."""
+    code, out, err = admin_status(config, *argv, stdin=stdin)
+    assert code == 0, (argv, out, err)
+    return out
+
+
+def admin_status(config: Path, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+    """An admin command that may fail: its exit status, stdout and stderr."""
     out, err, saved = io.StringIO(), io.StringIO(), sys.stdin
     sys.stdin = io.StringIO(stdin)
     try:
@@ -31,8 +38,7 @@ def admin_here(config: Path, *argv: str, stdin: str = "") -> str:
             code = cli.main([*argv, "-c", str(config)])
     finally:
         sys.stdin = saved
-    assert code == 0, (argv, out.getvalue(), err.getvalue())
-    return out.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
 def control(path: Path, **message: Any) -> dict[str, Any]:

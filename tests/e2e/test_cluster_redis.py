@@ -24,6 +24,7 @@ from .clusterkit import (
     Imap,
     RedisGate,
     admin_here,
+    admin_status,
     control,
     login_once,
     sessions,
@@ -184,6 +185,52 @@ def test_a_directory_change_reaches_every_route_cache_at_once(
             f"{node.name} refuses the disabled user (the cache forgot it)",
         )
     assert "cluster: subscribed" in n1.mg.log_text()
+
+
+def test_a_directory_move_ends_the_users_sessions_on_every_node(
+    two_nodes: tuple[Node, Node, Path],
+) -> None:
+    n1, n2, admin = two_nodes
+    user = USERS[11]
+    with running_backend(imap_backend(PASSWORD)) as new, sessions() as held:
+        add_mailstore(admin, "new", new.port)
+        for node in (n1, n2):
+            held.append(Imap(HOST, node.port))
+            assert b"a OK" in held[-1].login(user, PASSWORD)
+        code, _, err = admin_status(admin, "user", "move", user, "typo")
+        assert code != 0 and "typo" in err, err
+        for session in held:  # a move the directory refuses ends no session
+            assert b"z OK" in session.command(b"z", b"NOOP")[-1]
+        out = admin_here(admin, "user", "move", user, "new")
+        assert "2 sessions of" in out, out
+        for session in held:
+            assert b"* BYE" in session.rest()
+        # The command returned once both nodes' caches forgot the old route: the first
+        # login after it, on either node, is on the new mailstore.
+        held.clear()
+        for node in (n1, n2):
+            held.append(Imap(HOST, node.port))
+            assert b"a OK" in held[-1].login(user, PASSWORD)
+        assert sum(b" LOGIN " in line for line in new.lines) == 2, new.lines
+        found = listed(n1, user, held)
+        assert [s["mailstore"] for s in found] == ["new", "new"], found
+
+
+def add_mailstore(admin: Path, name: str, port: int) -> None:
+    """A mailstore outside the pool (its own address)."""
+    admin_here(admin, "mailstore", "add", name, "--host", HOST, "--imap-port", str(port))
+
+
+def listed(node: Node, user: str, held: list[Imap]) -> list[dict[str, Any]]:
+    """`who` on `node` for these sessions (by their client address), once it lists them all:
+    other nodes' sessions come from the registry, which is up to a second behind."""
+    ours = ["{}:{}".format(*session.sock.getsockname()[:2]) for session in held]
+
+    def found() -> list[dict[str, Any]]:
+        by_client = {s["client"]: s for s in node.ask(op="who", user=user)["sessions"]}
+        return [by_client[c] for c in ours] if all(c in by_client for c in ours) else []
+
+    return list(wait_until(found, f"who on {node.name} lists {ours}"))
 
 
 def test_a_cached_login_waits_for_one_redis_round_trip(

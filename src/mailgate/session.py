@@ -123,21 +123,30 @@ class Sessions:
         return [record.describe() for record in self.matching(user, backend)]
 
     def kick(self, user: str | None = None, backend: str | None = None) -> int:
-        """End the matching sessions with the protocol's goodbye; how many there were."""
+        """End the matching sessions with the protocol's goodbye; how many there were.
+
+        A matching login still on its way (authenticated, at the backend) gets a temporary
+        failure instead of its session: a move's kick must leave nothing on the old store."""
         records = self.matching(user, backend)
         for record in records:
             if record.relay is not None:
                 record.relay.kick()
+        wanted = user_key(user) if user else None
+        for session in self.preauth:
+            if session.user and _selected(session, wanted, backend):
+                session.kicked = True
         return len(records)
 
     def matching(self, user: str | None, backend: str | None) -> list[SessionRecord]:
         wanted = user_key(user) if user else None
-        return [
-            record
-            for record in self.relays.values()
-            if (wanted is None or user_key(record.user) == wanted)
-            and (backend is None or backend in (record.backend, record.mailstore))
-        ]
+        return [record for record in self.relays.values() if _selected(record, wanted, backend)]
+
+
+def _selected(session: Session | SessionRecord, user: str | None, backend: str | None) -> bool:
+    """Whether who/kick for `user` (user_key'd) and `backend` (None: any) mean `session`."""
+    return (user is None or user_key(session.user) == user) and (
+        backend is None or backend in (session.backend, session.mailstore)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +178,7 @@ class Session:
         "client",
         "core",
         "ctx",
+        "kicked",
         "label",
         "lease",
         "mailstore",
@@ -190,6 +200,7 @@ class Session:
         self.mailstore: str | None = None
         self.target: Target | None = None  # where the backend login succeeded
         self.label: str | None = None  # the app password that logged in (its label)
+        self.kicked = False  # Sessions.kick matched this login while it was on its way
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         self.client = _client_info(chan, ctx.listener.protocol)
         policy = ctx.policy
@@ -258,7 +269,13 @@ class Session:
             # Like nginx, read nothing more while the login is decided: what the client sends
             # meanwhile waits in the kernel and is relayed after a successful login.
             chan.hold()
+            self.kicked = False
             outcome, backend = await self._login(event.credentials, deadline)
+            if self.kicked and backend is not None:  # kicked on its way: no session after all
+                backend.channel.abort()
+                await self._release()
+                log.info("session %s: %s kicked while logging in", self.client.ip, _safe(self.user))
+                outcome, backend = Unavailable(), None
             pipelined = chan.take()
             if pipelined:
                 core.feed(pipelined)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness import imap_backend, running_backend
+from harness import FakeBackend, imap_backend, running_backend
 from mailgate.config import load
 
 from .clusterkit import (
@@ -214,6 +214,47 @@ def test_a_directory_move_ends_the_users_sessions_on_every_node(
         assert sum(b" LOGIN " in line for line in new.lines) == 2, new.lines
         found = listed(n1, user, held)
         assert [s["mailstore"] for s in found] == ["new", "new"], found
+
+
+def test_a_login_on_its_way_when_a_move_begins_gets_no_session(
+    two_nodes: tuple[Node, Node, Path],
+) -> None:
+    """Authenticated, at the old store's LOGIN when the move's kick comes: a temporary
+    failure, not a session on the old store after the move (its retry is on the new one)."""
+    n1, _, admin = two_nodes
+    user = USERS[9]
+    at_login, go_on = threading.Event(), threading.Event()
+    plain = imap_backend(PASSWORD).handler
+
+    def held_login(line: bytes) -> bytes | None:
+        if b" LOGIN " in line.upper():
+            at_login.set()
+            go_on.wait(WAIT)  # holds this backend's every connection: it is this test's own
+        return plain(line)
+
+    with (
+        running_backend(FakeBackend(handler=held_login)) as old,
+        running_backend(imap_backend(PASSWORD)) as new,
+        sessions() as held,
+    ):
+        add_mailstore(admin, "old", old.port)
+        add_mailstore(admin, "new", new.port)
+        admin_here(admin, "user", "move", user, "old")
+        held.append(Imap(HOST, n1.port))
+        reply: list[bytes] = []
+        client = threading.Thread(target=lambda: reply.append(held[0].login(user, PASSWORD)))
+        client.start()
+        try:
+            assert at_login.wait(WAIT), "the login reaches the old store"
+            out = admin_here(admin, "user", "move", user, "new")
+        finally:
+            go_on.set()
+            client.join(WAIT)
+        assert "0 sessions of" in out, out
+        assert reply and b"a NO [UNAVAILABLE]" in reply[0], reply
+        assert b"a OK" in held[0].login(user, PASSWORD)
+        assert [s["mailstore"] for s in listed(n1, user, held)] == ["new"]
+        assert "kicked while logging in" in n1.mg.log_text()
 
 
 def add_mailstore(admin: Path, name: str, port: int) -> None:

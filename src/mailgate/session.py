@@ -272,7 +272,7 @@ class Session:
             self.kicked = False
             outcome, backend = await self._login(event.credentials, deadline)
             if self.kicked and backend is not None:  # kicked on its way: no session after all
-                backend.channel.abort()
+                self._abandon(backend)
                 await self._release()
                 log.info("session %s: %s kicked while logging in", self.client.ip, _safe(self.user))
                 outcome, backend = Unavailable(), None
@@ -284,7 +284,7 @@ class Session:
             ended = core.next_events()  # the client left, or flooded us, meanwhile
             if ended:
                 if backend is not None:
-                    backend.channel.abort()
+                    self._abandon(backend)
                 events = ended
                 continue
             events = core.finish_login(outcome)
@@ -295,6 +295,12 @@ class Session:
                 self._start_relay(backend)
                 return True
             chan.release()
+
+    def _abandon(self, backend: BackendConnection) -> None:
+        """A backend login that will not be relayed."""
+        backend.channel.abort()
+        if self.target is not None:
+            self.ctx.router.abandoned(self.target)
 
     async def _greeting(self) -> list[Event]:
         """The greeting; with SMTP's greeting_delay, first check the client waits for it."""

@@ -301,6 +301,13 @@ class BackendRouter:
             self.affinity.failed(target)
         return reason
 
+    def abandoned(self, target: Target) -> None:
+        """A login that succeeded at `target` ends before its session begins (kicked on its
+        way, or its client left): its affinity claim goes back now, not at its deadline (a
+        move waits for the user's claims)."""
+        if self.affinity is not None and target.member is not None:
+            self.affinity.failed(target)
+
     def succeeded(self, target: Target) -> None:
         if target.member is not None:
             m = target.member

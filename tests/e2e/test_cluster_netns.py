@@ -42,7 +42,10 @@ HAPROXY_EXAMPLE = ROOT / "examples" / "haproxy-cluster.cfg"
 NODES = 3
 USERS = {f"user{i:02d}@example.com": f"pw-{i:02d}" for i in range(48)}
 LEASE = 4.0  # [cluster] lease: a dead node's sessions are freed within this (plus a beat)
-PER_USER = 4
+# The drain test's idle users hold one session per node and log in again in a loop: that
+# session and the one before it, whose lease is given back in the next batch (10 ms after it
+# ended), must fit; at exactly the limit such a reconnect is refused now and then.
+PER_USER = 5
 MOVE_DELAY = 0.5
 _STAMP = "%Y-%m-%d %H:%M:%S.%f"
 _LOGIN = re.compile(r"^(\S+ \S+) imap-login: Info: Login: user=<([^>]*)>.*session=<([^>]+)>")
@@ -107,9 +110,15 @@ class Node:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def signal(self, sig: int) -> None:
+        """To the whole node (SIGKILL: a box gone), or as systemd's KillMode=mixed of the
+        shipped unit sends SIGTERM: to the supervisor only, which stops its workers after
+        drain_delay (a SIGTERM to every process stops the workers at once, without it)."""
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, sig)
+            else:
+                os.kill(self.proc.pid, sig)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -494,13 +503,13 @@ def test_the_per_user_limit_who_and_kick_hold_across_nodes(cluster: Cluster) -> 
     user = users(20, 21)[0]
     held = []
     try:
-        for node in (1, 1, 2, 2):
-            held.append(cluster.imap(node))
+        for index in range(PER_USER):
+            held.append(cluster.imap(1 + index % 2))
             assert b"a OK" in held[-1].login(user, USERS[user])
         assert b"[LIMIT]" in cluster.imap(3).login(user, USERS[user])
         listed = wait_until(
             lambda: (found := who(cluster, 3, user=user)) and len(found) == PER_USER and found,
-            "who on node3 lists the four sessions on node1 and node2",
+            "who on node3 lists the sessions on node1 and node2",
         )
         assert {s["node"] for s in listed} == {"node1", "node2"}
         assert cluster.node(3).ask(op="kick", user=user)["kicked"] == PER_USER
@@ -676,7 +685,11 @@ def test_a_node_shutting_down_is_left_by_the_balancer_first(cluster: Cluster) ->
         node.signal(signal.SIGTERM)
         term = time.time()
         wait_until(lambda: node.health() in (503, 0), "node3's /healthz says it drains")
-        unhealthy = time.time()
+        # Unhealthy while it still serves (drain_delay): the balancer learns it first.
+        assert node.health() == 503, node.log_tail(15)
+        still = cluster.imap(3)
+        assert b"a OK" in still.login(users(0, 1)[0], USERS[users(0, 1)[0]])
+        still.close()
         wait_until(
             lambda: "Server mailgate_imap/node3 is DOWN" in haproxy_log(cluster),
             "HAProxy takes node3 out",
@@ -684,7 +697,6 @@ def test_a_node_shutting_down_is_left_by_the_balancer_first(cluster: Cluster) ->
         assert node.proc is not None
         node.proc.wait(30)
         time.sleep(1.0)
-    assert unhealthy - term < 2.0, "the health check turns at once (no timing asserted beyond that)"
     failed = [(round(t - term, 3), u, r) for t, u, r in load.results if r not in _FINE]
     assert not failed, (failed[:5], haproxy_log(cluster)[-2000:], node.log_tail(15))
     assert load.outcomes().get("ok", 0) > 0

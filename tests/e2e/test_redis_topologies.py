@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -112,13 +113,28 @@ def test_through_redis_sentinel(sentinel: str) -> None:
     asyncio.run(exercise(sentinel))
 
 
+def cluster_port() -> int:
+    """A free port for a Redis Cluster node: its bus listens 10000 higher (so at most 55535,
+    or redis-server refuses to start), and that one must be free too."""
+    while True:
+        port = peers.free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[str]:
     require("redis-server", "redis-cli")
     procs, ports = [], []
     try:
         for i in range(3):
-            port = peers.free_port()
+            port = cluster_port()
             work = tmp_path / f"c{i}"
             work.mkdir()
             log = work / "redis.log"

@@ -213,7 +213,7 @@ base_dir = {run}
 state_dir = {root}/state
 log_path = {root}/dovecot.log
 protocols = {protocols}
-listen = 127.0.0.1
+listen = {listen}
 default_internal_user = root
 default_internal_group = root
 # Dovecot never accesses mail as root. Mail processes chroot into the mail dir (so root-only
@@ -356,11 +356,14 @@ def start_dovecot(
     tls_key: Path | None = None,
     trusted_networks: str = "127.0.0.0/8",
     mail_dir: Path | None = None,
+    listen: str = "127.0.0.1",
+    extra_conf: str = "",
     oauth2_conf: Path | None = None,
     submission_relay_port: int | None = None,
 ) -> Peer:
     """One Dovecot with passwd-file users, maildirs in workdir/name/mail/<domain>/<local>
-    (or in `mail_dir`: two Dovecots given the same one share their mail storage).
+    (or in `mail_dir`: two Dovecots given the same one share their mail storage). `listen`:
+    Dovecot's listen (127.0.0.1 must be among it); `extra_conf`: more settings, appended.
 
     With `oauth2_conf` (a dovecot-oauth2.conf.ext), XOAUTH2 and OAUTHBEARER logins are
     validated by Dovecot's oauth2 passdb; the users still come from the passwd-file userdb.
@@ -388,7 +391,9 @@ def start_dovecot(
             listeners=_dovecot_listeners(ports, submission_relay_port),
             oauth2_mechanisms=" xoauth2 oauthbearer" if oauth2_conf else "",
             oauth2_passdb=_oauth2_passdb(oauth2_conf),
+            listen=listen,
         )
+        + extra_conf
     )
     peer = _launch(name, ["dovecot", "-F", "-c", str(conf)], root, log)
     peer.ports, peer.config_path, peer.cleanup = ports, conf, cleanup
@@ -555,6 +560,20 @@ def start_haproxy(
     return _wait_ready(peer, _ports_ready(peer))
 
 
+def start_haproxy_config(
+    workdir: Path, config: str, ports: dict[str, int], name: str = "haproxy"
+) -> Peer:
+    """HAProxy with a whole configuration of the caller's (checked first); ready when every
+    port in `ports` (on 127.0.0.1) accepts."""
+    root = _workdir(workdir, name)
+    conf, log = root / "haproxy.cfg", root / "haproxy.log"
+    conf.write_text(config)
+    _run(["haproxy", "-c", "-q", "-f", str(conf)])
+    peer = _launch(name, ["haproxy", "-db", "-f", str(conf)], root, log)
+    peer.ports, peer.config_path = dict(ports), conf
+    return _wait_ready(peer, _ports_ready(peer))
+
+
 # ---------------------------------------------------------------- databases
 
 
@@ -589,8 +608,15 @@ def postgres_bin(tool: str) -> Path | None:
     return found[-1] if found else None
 
 
-def start_postgres(workdir: Path, port: int, name: str = "postgres") -> Peer:
-    """PostgreSQL, superuser `postgres`, trust auth on 127.0.0.1.
+def start_postgres(
+    workdir: Path,
+    port: int,
+    name: str = "postgres",
+    listen: Sequence[str] = ("127.0.0.1",),
+    trust: Sequence[str] = (),
+) -> Peer:
+    """PostgreSQL, superuser `postgres`, trust auth on 127.0.0.1 (and from the `trust`
+    networks, listening on `listen` too).
 
     The server refuses to run as root, and the postgres user cannot enter a root-only test dir,
     so its data lives in a fresh temp dir owned by postgres, which stop() removes.
@@ -605,9 +631,11 @@ def start_postgres(workdir: Path, port: int, name: str = "postgres") -> Peer:
     data, log = base / "data", root / "postgres.log"
     _run([str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"],
          cwd=base, **as_pg)  # fmt: skip
+    with (data / "pg_hba.conf").open("a") as hba:
+        hba.writelines(f"host all all {network} trust\n" for network in trust)
     argv = [str(postgres), "-D", str(data), "-p", str(port), "-k", str(base),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200",
-            "-c", "shared_buffers=32MB"]  # fmt: skip
+            "-c", f"listen_addresses={','.join(listen)}", "-c", "fsync=off",
+            "-c", "max_connections=200", "-c", "shared_buffers=32MB"]  # fmt: skip
     peer = _launch(name, argv, base, log, **as_pg)
     peer.ports, peer.stop_signal, peer.cleanup = {"postgres": port}, signal.SIGINT, [base]
     peer.workdir, peer.info = root, {"socket_dir": str(base), "data": str(data)}
@@ -626,10 +654,17 @@ def postgres_sql(peer: Peer, sql: str, database: str = "postgres") -> str:
     return _run([*argv, "-d", database, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
 
 
-def start_redis(workdir: Path, port: int, name: str = "redis") -> Peer:
+def start_redis(
+    workdir: Path, port: int, name: str = "redis", bind: Sequence[str] = ("127.0.0.1",)
+) -> Peer:
+    """Redis without persistence, on `bind` (127.0.0.1 must be among them)."""
     root = _workdir(workdir, name)
     log = root / "redis.log"
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    # Bound to the given addresses only; without a password, protected mode would refuse
+    # every client not on loopback.
+    protected = "yes" if list(bind) == ["127.0.0.1"] else "no"
+    argv = ["redis-server", "--port", str(port), "--bind", *bind,
+            "--protected-mode", protected, "--save", "",
             "--appendonly", "no", "--daemonize", "no", "--dir", str(root),
             "--logfile", str(log)]  # fmt: skip
     peer = _launch(name, argv, root, log)

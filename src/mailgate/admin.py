@@ -371,6 +371,15 @@ async def move_user(engine: AsyncEngine, address: str, mailstore: str) -> None:
         )
 
 
+async def check_move(engine: AsyncEngine, address: str, mailstore: str) -> None:
+    """What move_user would refuse, refused before anything else is done (the cluster's
+    move ends the user's sessions first)."""
+    address, _ = _address(address)
+    async with _transaction(engine) as conn:
+        await _require_user(conn, address)
+        await _require(conn, mailstores, mailstore, "mailstore")
+
+
 async def remove_user(engine: AsyncEngine, address: str) -> None:
     address, _ = _address(address)
     async with _transaction(engine) as conn:

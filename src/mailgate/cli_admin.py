@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from mailgate import admin
+from mailgate import admin, clusteradmin
 from mailgate.auth.directory import SqlDirectory
 from mailgate.auth.schema import (
     OAUTH_LOGINS,
@@ -129,9 +129,18 @@ def register(subparsers: Any, load_settings: LoadSettings) -> None:
         ("remove", _user_remove),
     ):
         leaf(u, name, f"{name} a user", run).add_argument("address")
-    p = leaf(u, "move", "send a user's logins to another mailstore", _user_move)
+    p = u.add_parser(
+        "move",
+        help="send a user's logins to another mailstore",
+        description="MAILSTORE (or --to MAILSTORE) is a directory mailstore, or a member of a"
+        " pool with affinity = true ([cluster]: the user's sessions on every node are ended and"
+        " their next logins go there; docs/scale-out.md).",
+    )
+    p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
     p.add_argument("address")
-    p.add_argument("mailstore")
+    p.add_argument("mailstore", nargs="?")
+    p.add_argument("--to", dest="to", metavar="MAILSTORE", help="the same as MAILSTORE")
+    p.set_defaults(func=_user_move_handler(load_settings))
     p = leaf(u, "list", "list users", _user_list)
     p.add_argument("--domain")
     p = leaf(
@@ -190,11 +199,14 @@ def _password_options(p: argparse.ArgumentParser) -> None:
 # --- running a command ------------------------------------------------------------------------
 
 
-def _handler(run: Command, load_settings: LoadSettings) -> Handler:
+def _handler(run: Command, load_settings: LoadSettings, *, publish: bool = True) -> Handler:
     def handle(args: argparse.Namespace) -> int:
         try:
             settings = _directory_settings(args, load_settings)
-            return asyncio.run(run(args, settings))
+            code = asyncio.run(run(args, settings))
+            if code == EXIT_OK and publish:
+                _published(args, load_settings)
+            return code
         except UsageError as e:
             return _fail(str(e), EXIT_USAGE)
         except ConfigError as e:
@@ -205,6 +217,49 @@ def _handler(run: Command, load_settings: LoadSettings) -> Handler:
             return _fail("interrupted", EXIT_FAILED)
         except Exception as e:  # a database error: say which, without bound values
             return _fail(f"database error: {_describe(e)}", EXIT_FAILED)
+
+    return handle
+
+
+def _published(args: argparse.Namespace, load_settings: LoadSettings) -> None:
+    """[cluster]: a change is published, for every node's route cache to forget it now."""
+    settings = load_settings(args.config)
+    scope = clusteradmin.changed_scope(args)
+    if not settings.cluster.redis_url or scope is None:
+        return
+    problem = clusteradmin.publish_change(settings, scope)
+    if problem is not None:
+        print(f"mailgate: {problem}", file=sys.stderr)
+
+
+def _user_move_handler(load_settings: LoadSettings) -> Handler:
+    """A member of an affinity pool is a move in the cluster (Redis: no directory needed);
+    anything else is the directory's mailstore for the user."""
+    directory_move = _handler(_user_move, load_settings)
+    check_move = _handler(_user_move_check, load_settings, publish=False)
+    cluster_move = _handler(_user_move, load_settings, publish=False)  # run_directory_move does
+
+    def handle(args: argparse.Namespace) -> int:
+        target = args.to or args.mailstore
+        if not target or (args.to and args.mailstore and args.to != args.mailstore):
+            return _fail("user move needs one MAILSTORE (or --to MAILSTORE)", EXIT_USAGE)
+        args.mailstore = target
+        try:
+            settings = load_settings(getattr(args, "config", None) or "")
+        except ConfigError as e:
+            return _fail(f"configuration error: {e}", EXIT_USAGE)
+        if settings.cluster.redis_url and not isinstance(
+            clusteradmin.find_member(settings, target), str
+        ):
+            return clusteradmin.run_move(settings, args.address, target)
+        if settings.cluster.redis_url:  # sessions end everywhere, caches forget at once
+            checked = check_move(args)  # a typo must not end anybody's sessions
+            if checked != EXIT_OK:
+                return checked
+            return clusteradmin.run_directory_move(
+                settings, args.address, lambda: cluster_move(args)
+            )
+        return directory_move(args)
 
     return handle
 
@@ -540,6 +595,11 @@ async def _user_disable(args: argparse.Namespace, s: DirectorySettings) -> int:
 async def _user_move(args: argparse.Namespace, s: DirectorySettings) -> int:
     await _admin(s, lambda e: admin.move_user(e, args.address, args.mailstore))
     print(f"user {args.address.lower()} now logs in on {args.mailstore}")
+    return EXIT_OK
+
+
+async def _user_move_check(args: argparse.Namespace, s: DirectorySettings) -> int:
+    await _admin(s, lambda e: admin.check_move(e, args.address, args.mailstore))
     return EXIT_OK
 
 

@@ -45,11 +45,24 @@ def register(sub: Any, load_settings: LoadSettings) -> None:
     backend.add_argument("action", choices=("list", "up", "down", "drain"))
     backend.add_argument("name", nargs="?", metavar="NAME")
     backend.add_argument("--json", action="store_true", help="the members as a JSON list")
+    backend.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="drain, [cluster], affinity pools: move N users at a time ([cluster] move_parallel)",
+    )
+    backend.add_argument(
+        "--no-move",
+        action="store_true",
+        help="drain only: leave the users where they are (they move as they reconnect)",
+    )
 
 
 def _run(args: argparse.Namespace, load_settings: LoadSettings, run: Callable[..., int]) -> int:
     try:
-        path = control_socket_path(load_settings(args.config))
+        args.settings = None
+        args.settings = load_settings(args.config)
+        path = control_socket_path(args.settings)
     except ConfigError:
         if run is not _reload:
             raise
@@ -84,11 +97,13 @@ def _reload(args: argparse.Namespace, path: Any) -> int:
 def _who(args: argparse.Namespace, path: Any) -> int:
     answer = request(path, {"op": "who", "user": args.user, "backend": args.backend})
     sessions: list[dict[str, Any]] = answer["sessions"]
+    if answer.get("note"):
+        print(f"mailgate: {answer['note']}", file=sys.stderr)
     if args.json:
         json.dump(sessions, sys.stdout, indent=2)
         print()
         return EXIT_OK
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             s["user"] or "-",
             s["protocol"],
@@ -101,7 +116,12 @@ def _who(args: argparse.Namespace, path: Any) -> int:
         )
         for s in sessions
     ]
-    _table(("USER", "PROTOCOL", "CLIENT", "BACKEND", "TLS", "SINCE", "IN", "OUT"), rows)
+    headers: tuple[str, ...] = ("USER", "PROTOCOL", "CLIENT", "BACKEND", "TLS", "SINCE")
+    headers += ("IN", "OUT")
+    if any("node" in s for s in sessions):  # [cluster]: every node's sessions (bytes: ours)
+        headers = ("NODE", *headers)
+        rows = [(str(s.get("node", "-")), *row) for s, row in zip(sessions, rows, strict=True)]
+    _table(headers, rows)
     return EXIT_OK
 
 
@@ -110,6 +130,8 @@ def _kick(args: argparse.Namespace, path: Any) -> int:
         print("mailgate: kick needs a USER or --backend B", file=sys.stderr)
         return EXIT_USAGE
     answer = request(path, {"op": "kick", "user": args.user, "backend": args.backend})
+    if answer.get("note"):
+        print(f"mailgate: {answer['note']}", file=sys.stderr)
     print(f"kicked {answer['kicked']} sessions")
     return EXIT_OK
 
@@ -120,6 +142,14 @@ def _stats(args: argparse.Namespace, path: Any) -> int:
         print(f"{key}: {answer[key]}")
     print(f"handshakes: {answer['handshakes']}")
     print(f"throttled keys: {answer['throttled']}")
+    if "node" in answer:  # [cluster]
+        print(f"node: {answer['node']}; cluster: {', '.join(answer.get('cluster_nodes', []))}")
+    if "redis_up" in answer:
+        up, workers = answer["redis_up"], answer["workers"]
+        print(f"redis: {up} of {workers} workers count in the cluster")
+        print(f"redis round trips: {answer['redis_round_trips']} ({answer['redis_logins']} logins)")
+    if "cluster" in answer:
+        print(f"cluster: {answer['cluster']}")
     return EXIT_OK
 
 
@@ -157,6 +187,8 @@ def _backend(args: argparse.Namespace, path: Any) -> int:
         json.dump(members, sys.stdout, indent=2)
         print()
         return EXIT_OK
+    if answer.get("note"):
+        print(f"mailgate: {answer['note']}", file=sys.stderr)
     if members is None:
         print(f"{args.action}: {', '.join(str(e) for e in answer.get('events', [])) or 'done'}")
         return EXIT_OK
@@ -173,6 +205,15 @@ def _backend(args: argparse.Namespace, path: Any) -> int:
         for m in members
     ]
     _table(("MEMBER", "HOST", "STATE", "ADMIN", "FAILURES", "WEIGHT", "SESSIONS"), rows)
+    settings = args.settings
+    cluster = settings is not None and settings.cluster.redis_url
+    if args.action == "drain" and cluster and not args.no_move:
+        from mailgate import clusteradmin  # affinity pools: the users assigned there move now
+
+        for m in members:
+            code = clusteradmin.run_drain(settings, f"{m['pool']}/{m['member']}", args.parallel)
+            if code != EXIT_OK:
+                return code
     return EXIT_OK
 
 

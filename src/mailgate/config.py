@@ -241,6 +241,13 @@ class LimitsSettings:
     per_ip: int = 0
 
 
+# The Redis URL schemes [cluster] redis_url takes (redisconn.py says what each means).
+REDIS_SCHEMES = (
+    "redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://",
+    "redis+cluster://", "rediss+cluster://",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSettings:
     """Shared state of several mailgate nodes in Redis (docs/scale-out.md)."""
@@ -250,6 +257,18 @@ class ClusterSettings:
     # A node's leases and sessions live this long without its heartbeat: a node that dies
     # frees its users' sessions within one lease.
     lease: float = 30.0
+    # Every key starts with "{prefix}:" (a Redis Cluster hash tag: one slot for all of them),
+    # so several mailgate clusters may share one Redis.
+    prefix: str = "mailgate"
+    # One Redis request waits this long, then the node counts alone until Redis answers again
+    # (a login has seconds; Redis answers in well under a millisecond on a LAN).
+    timeout: float = 0.5
+    # `mailgate user move` and `backend drain`: how long a moving user's sessions get to end
+    # after the kick, the pause before the new member takes the user (Dovecot's director
+    # waits 2 s), and how many users a drain moves at once.
+    move_timeout: float = 30.0
+    move_delay: float = 2.0
+    move_parallel: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +306,11 @@ class Settings:
     # None: stderr (journald, docker). A file is reopened by logsetup.reopen() for logrotate.
     log_file: Path | None = None
     metrics_listen: str | None = None
+    # A load balancer's health check (GET /healthz): 200 while the node serves, 503 from the
+    # moment it begins to shut down; it keeps serving `drain_delay` seconds more, for the
+    # balancer to notice (HAProxy: fall x inter) before the listeners close.
+    health_listen: str | None = None
+    drain_delay: float = 3.0
     pid_file: Path | None = None  # written by serve; `mailgate directory flush` signals it
     # Clients on these networks are trusted (issue 8: e.g. exempt from throttling).
     trusted_networks: NetworkList = EMPTY
@@ -355,6 +379,8 @@ def parse(raw: Mapping[str, Any], *, base_dir: Path, source: Path | None = None)
         log_level=t.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         log_file=t.path("log_file"),
         metrics_listen=t.get("metrics_listen", str, None),
+        health_listen=_health_listen(t),
+        drain_delay=t.number("drain_delay", 3.0),
         pid_file=t.path("pid_file"),
         trusted_networks=_networks(t, "trusted_networks"),
         source=source,
@@ -579,15 +605,44 @@ def _cluster(t: _Table, throttle_redis_url: object) -> ClusterSettings:
         if not isinstance(throttle_redis_url, str):
             raise ConfigError("throttle.redis_url: must be str")
         url = throttle_redis_url
-    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{t.key('redis_url')}: must be a redis://, rediss:// or unix:// URL")
+    if url is not None and not url.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{t.key('redis_url')}: must be a URL starting with one of {', '.join(REDIS_SCHEMES)}"
+        )
     settings = ClusterSettings(
         redis_url=url,
         node_name=t.get("node_name", str, d.node_name),
         lease=t.timeout("lease", d.lease),
+        prefix=t.get("prefix", str, d.prefix),
+        timeout=t.timeout("timeout", d.timeout),
+        move_timeout=t.timeout("move_timeout", d.move_timeout),
+        move_delay=t.number("move_delay", d.move_delay),
+        move_parallel=t.integer("move_parallel", d.move_parallel),
     )
+    for key in ("node_name", "prefix"):
+        value = getattr(settings, key)
+        if any(not c.isprintable() or c in " /{}" for c in value):
+            raise ConfigError(f"{t.key(key)}: must be printable, without spaces, '/', '{{' or '}}'")
+    if not settings.prefix:
+        raise ConfigError(f"{t.key('prefix')}: must not be empty")
+    if settings.move_parallel < 1:
+        raise ConfigError(f"{t.key('move_parallel')}: must be at least 1")
+    if url is not None:
+        from mailgate.redisconn import RedisUrlError, parse_url
+
+        try:
+            parse_url(url)
+        except RedisUrlError as e:
+            raise ConfigError(f"{t.key('redis_url')}: {e}") from None
     t.check_unknown()
     return settings
+
+
+def _health_listen(t: _Table) -> str | None:
+    value: str | None = t.get("health_listen", str, None)
+    if value is not None:
+        parse_address(value, "health_listen")
+    return value
 
 
 def _auth_server(t: _Table) -> AuthServerSettings:
@@ -743,6 +798,11 @@ class PoolSettings:
     # After an outage, new logins are let back in over this many seconds (a growing share
     # of users), so that every client waiting to reconnect does not arrive at once.
     reconnect_spread: float = 30.0
+    # Dovecot's director: each user on one member at a time, chosen by weighted rendezvous
+    # over the healthy members and remembered in Redis while the user has sessions and for
+    # user_expire seconds after (director_user_expire: 15 min). Needs shared_storage.
+    affinity: bool = False
+    user_expire: float = 900.0
 
 
 def _pools(t: _Table) -> tuple[PoolSettings, ...]:
@@ -788,7 +848,16 @@ def _pool(t: _Table) -> PoolSettings:
         failures_to_down=failures,
         half_open_after=t.timeout("half_open_after", 10.0),
         reconnect_spread=t.number("reconnect_spread", 30.0),
+        affinity=t.get("affinity", bool, False),
+        user_expire=t.timeout("user_expire", 900.0),
     )
+    if settings.affinity and not settings.shared_storage:
+        raise ConfigError(
+            f"{t.key('affinity')}: needs shared_storage = true (affinity chooses among members "
+            "that can all serve every user)"
+        )
+    if "user_expire" in t.raw and not settings.affinity:
+        raise ConfigError(f"{t.key('user_expire')}: only makes sense with affinity = true")
     t.check_unknown()
     return settings
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate.addresses import subscriber
 from mailgate.auth.throttle import user_key
+from mailgate.redisstore import RedisUnavailable
 
 if TYPE_CHECKING:
     from mailgate.supervisor import Supervisor
@@ -98,23 +99,33 @@ def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
 async def _answer(request: dict[str, Any], supervisor: Supervisor) -> dict[str, Any]:
     op = request.get("op")
     if op == "who":
-        lists = await supervisor.fanout("who", request.get("user"), request.get("backend"))
-        sessions = sorted((s for each in lists for s in each), key=lambda s: s["since"])
-        return {"ok": True, "sessions": sessions}
+        return await _who(supervisor, request.get("user"), request.get("backend"))
     if op == "kick":
-        counts = await supervisor.fanout("kick", request.get("user"), request.get("backend"))
-        return {"ok": True, "kicked": sum(counts)}
+        return await _kick(supervisor, request.get("user"), request.get("backend"))
     if op == "stats":
         workers = await supervisor.fanout("stats")
-        return {"ok": True, **_summary(supervisor, workers)}
+        summary = _summary(supervisor, workers)
+        if supervisor.cluster is not None:
+            try:
+                summary.update(await supervisor.cluster.stats())
+            except RedisUnavailable as e:
+                summary["cluster"] = f"Redis unavailable: {e}"
+        return {"ok": True, **summary}
     if op == "reload":
         ok, message = await supervisor.reload()
         return {"ok": ok, "message": message} if ok else {"ok": False, "error": message}
+    if op == "throttle-show" and supervisor.cluster is not None:  # the cluster's counters
+        target = request.get("key")
+        entries = await supervisor.cluster.throttle_show(throttle_key(target) if target else None)
+        return {"ok": True, "entries": entries}
     if op == "throttle-show":
         return {"ok": True, "entries": _throttle_show(supervisor, request.get("key"))}
     if op == "throttle-clear":
         key = throttle_key(str(request.get("key", "")))
-        return {"ok": True, "cleared": supervisor.state.clear(key), "key": key}
+        cleared = supervisor.state.clear(key)
+        if supervisor.cluster is not None:
+            cleared = await supervisor.cluster.throttle_clear(key) or cleared
+        return {"ok": True, "cleared": cleared, "key": key}
     if op == "flush":
         return {"ok": True, "workers": len(await supervisor.fanout("flush"))}
     if op == "backend":
@@ -122,14 +133,49 @@ async def _answer(request: dict[str, Any], supervisor: Supervisor) -> dict[str, 
     return {"ok": False, "error": f"unknown request {op!r}"}
 
 
+async def _who(supervisor: Supervisor, user: str | None, backend: str | None) -> dict[str, Any]:
+    """This node's sessions from its workers; with [cluster], every other node's from the
+    registry in Redis."""
+    lists = await supervisor.fanout("who", user, backend)
+    sessions = [s for each in lists for s in each]
+    answer: dict[str, Any] = {"ok": True}
+    if supervisor.cluster is not None:
+        for session in sessions:
+            session["node"] = supervisor.cluster.node
+        try:
+            sessions += await supervisor.cluster.who(user, backend)
+        except RedisUnavailable as e:
+            answer["note"] = f"Redis unavailable ({e}): this node's sessions only"
+    answer["sessions"] = sorted(sessions, key=lambda s: s["since"])
+    return answer
+
+
+async def _kick(supervisor: Supervisor, user: str | None, backend: str | None) -> dict[str, Any]:
+    counts = await supervisor.fanout("kick", user, backend)
+    answer: dict[str, Any] = {"ok": True, "kicked": sum(counts)}
+    if supervisor.cluster is not None:
+        try:
+            answer["kicked"] += await supervisor.cluster.kick(user, backend)
+        except RedisUnavailable as e:
+            answer["note"] = f"Redis unavailable ({e}): kicked on this node only"
+    return answer
+
+
 async def _backend(supervisor: Supervisor, action: str, name: str) -> dict[str, Any]:
     """The supervisor keeps the node's backend health: it applies the command (and tells the
-    workers); the members' session counts are the workers', summed."""
+    workers); the members' session counts are the workers', summed. With [cluster], up, down
+    and drain apply on every node."""
     if supervisor.router is None:
         return {"ok": False, "error": "no backend router"}
     answer = supervisor.router.command(action, name)
     if not answer.get("ok") or "members" not in answer:
         return answer
+    if supervisor.cluster is not None and action != "list":
+        named = [f"{m['pool']}/{m['member']}" for m in answer["members"]]
+        try:
+            await supervisor.cluster.backend_changed(action, named)
+        except RedisUnavailable as e:
+            answer["note"] = f"Redis unavailable ({e}): applied on this node only"
     sessions: dict[tuple[str, str], int] = {}
     for listing in await supervisor.fanout("backend", "list", ""):
         for member in listing.get("members", []):
@@ -151,7 +197,19 @@ def _summary(supervisor: Supervisor, workers: list[dict[str, Any]]) -> dict[str,
         "connections": sum(w.get("connections", 0) for w in workers),
         "handshakes": sum(w.get("handshakes", 0) for w in workers),
         "throttled": len(supervisor.state.keys(time.monotonic())),
+        **{
+            key: sum(w.get(key, 0) for w in workers)
+            for key in REDIS_STATS
+            if any(key in w for w in workers)
+        },
     }
+
+
+# What the workers count of their Redis use (cluster.py WorkerCluster.stats), summed.
+REDIS_STATS = (
+    "redis_up", "redis_logins", "redis_round_trips", "redis_batches", "redis_batched",
+    "redis_dropped",
+)  # fmt: skip
 
 
 def throttle_key(target: str) -> str:

@@ -163,8 +163,11 @@ class Channel(asyncio.BufferedProtocol):
             self._resume_reading()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closed:
-            self.transport.write(data)
+        # A transport closed under us (a worker's shutdown) may not have told connection_lost
+        # yet: uvloop raises on a write then, where asyncio drops it.
+        transport = self.transport
+        if transport is not None and not self._closed and not transport.is_closing():
+            transport.write(data)
 
     @property
     def write_blocked(self) -> bool:

@@ -40,6 +40,7 @@ class Verdict(Enum):
     LOCKED = "locked"  # a lock-out is running for the address or the user
     BUDGET = "budget"  # failures and attempts in flight have reached lockout_after
     CONCURRENT = "concurrent"  # too many attempts in flight at once (a temporary refusal)
+    MOVING = "moving"  # the user is being moved (cluster.py): a temporary refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class _Counter:
     inflight: int = 0
     locked_until: float = 0.0
     users: set[bytes] = field(default_factory=set)  # failed user hashes (address keys)
+    listed_at: float = 0.0  # when it took its place in the expiry order (memory only)
 
 
 class NodeState:
@@ -173,24 +175,28 @@ class NodeState:
     def show(self, key: str, now: float) -> dict[str, object] | None:
         """The operator's view of one key ("ip:..." or "user:..."), or None."""
         counter = self._counters.get(key)
-        if counter is None or (
-            now - counter.window_start >= self.throttle.window and counter.locked_until <= now
-        ):
+        ended = counter is not None and now - counter.window_start >= self.throttle.window
+        if counter is None or (ended and counter.locked_until <= now):
             return None
         return {
             "key": key,
-            "failures": counter.failures,
+            "failures": 0 if ended else counter.failures,
             "in_flight": counter.inflight,
             "locked_for": max(0.0, counter.locked_until - now),
             "window_left": max(0.0, counter.window_start + self.throttle.window - now),
-            "users_tried": len(counter.users),
+            "users_tried": 0 if ended else len(counter.users),
         }
 
     def keys(self, now: float) -> list[str]:
         """Keys with failures or a lock-out now, most recent first (for `throttle show`)."""
         self._expire(now)
+        window = self.throttle.window
         counters = reversed(self._counters.items())
-        return [key for key, c in counters if c.failures or c.locked_until > now]
+        return [
+            key
+            for key, c in counters
+            if (c.failures and now - c.window_start < window) or c.locked_until > now
+        ]
 
     def clear(self, key: str) -> bool:
         """Forget a key's failures and lock-out (`mailgate throttle clear`)."""
@@ -259,25 +265,31 @@ class NodeState:
         self._expire(now)
         counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[key] = _Counter(now)
+            counter = self._counters[key] = _Counter(now, listed_at=now)
             while len(self._counters) > MAX_KEYS:
                 self._evict()
+        elif now - counter.window_start >= self.throttle.window:
+            # Its window ended: failures start again (a running lock-out stays). Decided when
+            # the key is used, as Redis decides it (redislua.py), never by another key's use.
+            counter.window_start, counter.failures = now, 0
+            counter.users.clear()
         return counter
 
     def _expire(self, now: float) -> None:
-        """Drop windows that ended (unless locked or in flight); they are at the front."""
+        """Forget counters whose window ended, unless locked or in flight (memory only: the
+        rules are `_counter`'s). The front is the oldest listed."""
         window = self.throttle.window
         while self._counters:
             key, first = next(iter(self._counters.items()))
-            if now - first.window_start < window:
+            if now - first.listed_at < window:
                 return
-            if first.locked_until > now or first.inflight:
-                # Still needed: start a fresh window for it at the back.
-                self._counters.move_to_end(key)
-                first.window_start, first.failures = now, 0
-                first.users.clear()
+            idle = first.locked_until <= now and not first.inflight
+            if idle and now - first.window_start >= window:
+                del self._counters[key]
                 continue
-            del self._counters[key]
+            # Still needed: it takes its place at the back.
+            self._counters.move_to_end(key)
+            first.listed_at = now
 
     def _evict(self) -> None:
         for key, counter in self._counters.items():

@@ -35,6 +35,7 @@ from mailgate.auth.factory import build_authenticator
 from mailgate.backend.connect import BackendOptions
 from mailgate.backend.pools import HealthEvent
 from mailgate.backend.routing import BackendRouter
+from mailgate.cluster import WorkerCluster, attach, start_worker, worker_command
 from mailgate.config import ConfigError, ListenerSettings, Settings
 from mailgate.link import Link
 from mailgate.link import connect as link_connect
@@ -148,10 +149,14 @@ class Worker:
         self.connections = 0
         self.authenticator: Authenticator | None = None
         self.router: BackendRouter
+        self.cluster: WorkerCluster | None = None  # [cluster]: Redis (cluster.py)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         store = await self._store()
+        self.cluster = await start_worker(self.settings, store)  # cluster hook: Redis first
+        if self.cluster is not None:
+            store = self.cluster.store
         self.authenticator = authenticator = build_authenticator(self.settings, store)
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,6 +177,7 @@ class Worker:
         if self.health:
             self.router.state.restore(self.health)
         self.router.start()
+        attach(self.cluster, self.router, self.sessions)  # cluster hook: affinity, registry
         servers = await self._listen(store)
         metrics.flush_every(loop)
         self._sweep_every(loop, sweep_interval(self.settings))
@@ -190,6 +196,8 @@ class Worker:
             await self._shutdown(servers, self.settings.shutdown_timeout)
         await self.router.close()
         await authenticator.close()
+        if self.cluster is not None:  # cluster hook: its leases go now, not in a lease
+            await self.cluster.close()
         metrics.flush()
         if self.link is not None:
             self.link.close()
@@ -297,6 +305,8 @@ class Worker:
         if op == "health":
             self.router.apply_remote(HealthEvent.from_json(args[0]))
             return None
+        if op.startswith("cluster."):  # cluster hook: cache invalidation from Redis
+            return worker_command(self.authenticator, op, args)
         raise ValueError(f"unknown request {op!r}")
 
     def _report_health(self, event: HealthEvent) -> None:
@@ -309,13 +319,16 @@ class Worker:
             self.stop.set()
 
     def stats(self) -> dict[str, int]:
-        return {
+        stats = {
             "pid": os.getpid(),
             "relayed": len(self.sessions.relays),
             "logging_in": len(self.sessions.preauth),
             "connections": self.connections,
             "handshakes": self.handshakes.total,
         }
+        if self.cluster is not None:  # cluster hook: Redis round trips, up or not
+            stats.update(self.cluster.stats())
+        return stats
 
     # --- the end -----------------------------------------------------------------------------
 

@@ -29,7 +29,14 @@ from mailgate.auth import Authenticator
 from mailgate.auth.throttle import user_key
 from mailgate.backend.connect import BackendConnection, BackendError, BackendOptions, login
 from mailgate.backend.connect import make_core as make_login_core
-from mailgate.backend.routing import BackendRouter, NoBackend, Plan, Target, affinity_key
+from mailgate.backend.routing import (
+    BackendRouter,
+    NoBackend,
+    Plan,
+    SessionCount,
+    Target,
+    affinity_key,
+)
 from mailgate.config import LimitsSettings, ListenerSettings, ProtocolSettings
 from mailgate.netio import Channel, Deadline, exchange
 from mailgate.networks import NetworkList
@@ -126,21 +133,30 @@ class Sessions:
             relay.check_idle(now)
 
     def kick(self, user: str | None = None, backend: str | None = None) -> int:
-        """End the matching sessions with the protocol's goodbye; how many there were."""
+        """End the matching sessions with the protocol's goodbye; how many there were.
+
+        A matching login still on its way (authenticated, at the backend) gets a temporary
+        failure instead of its session: a move's kick must leave nothing on the old store."""
         records = self.matching(user, backend)
         for record in records:
             if record.relay is not None:
                 record.relay.kick()
+        wanted = user_key(user) if user else None
+        for session in self.preauth:
+            if session.user and _selected(session, wanted, backend):
+                session.kicked = True
         return len(records)
 
     def matching(self, user: str | None, backend: str | None) -> list[SessionRecord]:
         wanted = user_key(user) if user else None
-        return [
-            record
-            for record in self.relays.values()
-            if (wanted is None or user_key(record.user) == wanted)
-            and (backend is None or backend in (record.backend, record.mailstore))
-        ]
+        return [record for record in self.relays.values() if _selected(record, wanted, backend)]
+
+
+def _selected(session: Session | SessionRecord, user: str | None, backend: str | None) -> bool:
+    """Whether who/kick for `user` (user_key'd) and `backend` (None: any) mean `session`."""
+    return (user is None or user_key(session.user) == user) and (
+        backend is None or backend in (session.backend, session.mailstore)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +188,7 @@ class Session:
         "client",
         "core",
         "ctx",
+        "kicked",
         "label",
         "lease",
         "mailstore",
@@ -194,6 +211,7 @@ class Session:
         self.mailstore: str | None = None
         self.target: Target | None = None  # where the backend login succeeded
         self.label: str | None = None  # the app password that logged in (its label)
+        self.kicked = False  # Sessions.kick matched this login while it was on its way
         salt = f"<{next(_SALT_SERIAL)}.{int(time.time())}@{ctx.hostname}>"
         # The connection's own client; `client` becomes what a trusted peer claims, if it does.
         self.peer = self.client = _client_info(chan, ctx.listener.protocol)
@@ -268,7 +286,13 @@ class Session:
             # Like nginx, read nothing more while the login is decided: what the client sends
             # meanwhile waits in the kernel and is relayed after a successful login.
             chan.hold()
+            self.kicked = False
             outcome, backend = await self._login(event.credentials)
+            if self.kicked and backend is not None:  # kicked on its way: no session after all
+                self._abandon(backend)
+                await self._release()
+                log.info("session %s: %s kicked while logging in", self.client.ip, _safe(self.user))
+                outcome, backend = Unavailable(), None
             pipelined = chan.take()
             if pipelined:
                 core.feed(pipelined)
@@ -277,7 +301,7 @@ class Session:
             ended = core.next_events()  # the client left, or flooded us, meanwhile
             if ended:
                 if backend is not None:
-                    backend.channel.abort()
+                    self._abandon(backend)
                 events = ended
                 continue
             events = core.finish_login(outcome)
@@ -288,6 +312,12 @@ class Session:
                 self._start_relay(backend)
                 return True
             chan.release()
+
+    def _abandon(self, backend: BackendConnection) -> None:
+        """A backend login that will not be relayed."""
+        backend.channel.abort()
+        if self.target is not None:
+            self.ctx.router.abandoned(self.target)
 
     async def _greeting(self) -> list[Event]:
         """The greeting; with SMTP's greeting_delay, first check the client waits for it."""
@@ -413,7 +443,7 @@ class Session:
             reason = f"x-proxy-ttl {creds.proxy_ttl} from the client: no hop left (a loop?)"
             plan = NoBackend(reason, "loop")
         else:
-            plan = router.plan(route, protocol, affinity_key(route, self.client.ip))
+            plan = await router.plan_login(route, protocol, affinity_key(route, self.client.ip))
         failure: BackendError | None = None
         while not isinstance(plan, NoBackend) and (target := plan.next()) is not None:
             self.backend = target.name
@@ -517,7 +547,7 @@ class SessionRecord:
         self.relay: Relay | None = None
         self.router = session.ctx.router
         self.sessions = session.ctx.sessions
-        self.counted: tuple[str, str] | None = None  # counted on this backend (pool, member)
+        self.counted: SessionCount | None = None  # counted on its backend (routing.py)
         self.label = session.label
 
     def describe(self) -> dict[str, object]:

@@ -30,7 +30,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailgate import config, logsetup, metrics, sdnotify, tls
 from mailgate.backend.pools import HealthEvent
@@ -40,6 +40,10 @@ from mailgate.link import Link, LinkError, pair
 from mailgate.link import connect as link_connect
 from mailgate.nodestate import NodeState
 from mailgate.statestore import admission_to, attempt_from, settled_to
+
+if TYPE_CHECKING:
+    from mailgate.clusternode import NodeCluster
+    from mailgate.healthz import HealthEndpoint
 
 log = logging.getLogger("mailgate.supervisor")
 
@@ -74,6 +78,13 @@ class WorkerProcess:
     started: float = field(default_factory=time.monotonic)
 
 
+def _same_node_services(old: Settings, new: Settings) -> None:
+    """[cluster] and health_listen belong to the supervisor, made at start: a reload that
+    changes them is refused (restart instead). Raises ConfigError."""
+    if old.cluster != new.cluster or old.health_listen != new.health_listen:
+        raise ConfigError("[cluster] and health_listen changes need a restart, not a reload")
+
+
 def listener_key(listener: ListenerSettings) -> tuple[str, int]:
     return (listener.host, listener.port)
 
@@ -97,6 +108,10 @@ class Supervisor:
         # Backend health, one truth for the node: the active checks run here, the workers'
         # passive events come here, and every change goes out to every worker.
         self.router: BackendRouter | None = None
+        # [cluster]: the node's part of the cluster (clusternode.py); health_listen: the load
+        # balancer's health endpoint (healthz.py).
+        self.cluster: NodeCluster | None = None
+        self.health: HealthEndpoint | None = None
 
     # --- running ------------------------------------------------------------------------------
 
@@ -119,6 +134,7 @@ class Supervisor:
         self._bind(self.settings)
         self._announce(self.settings)
         self.router = self._router(self.settings)
+        await self._start_node_services()  # cluster hook
         if self.settings.metrics_listen:
             metrics.serve(self.settings.metrics_listen)
         metrics.flush_every(loop)
@@ -136,12 +152,15 @@ class Supervisor:
             self.settings.pid_file.write_text(f"{os.getpid()}\n")
         sdnotify.ready(f"{len(self.workers)} workers")
         log.info("ready: %d workers (pid %d)", len(self.workers), os.getpid())
+        self._serving(True)  # cluster hook: the balancer may send clients now
         try:
             await self._stop.wait()
         finally:
             sdnotify.stopping()
+            await self._drain_for_balancer()  # cluster hook: unhealthy first, then close
             self.stopping = True
             await self._stop_all()
+            await self._close_node_services()  # cluster hook
             if self.router is not None:
                 await self.router.close()
             self._close_control()
@@ -158,6 +177,46 @@ class Supervisor:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # --- the cluster and the load balancer ------------------------------------------------------
+
+    async def _start_node_services(self) -> None:
+        """[cluster] (clusternode.py) and health_listen (healthz.py), before any worker."""
+        from mailgate import cluster, clusternode, healthz
+
+        cluster.new_boot()  # the workers' owner names in Redis are this boot's
+        self.cluster = clusternode.start(self.settings, self)
+        if self.settings.health_listen:
+            self.health = healthz.HealthEndpoint(self.settings.health_listen, self._health_detail)
+            await self.health.start()
+
+    def _health_detail(self) -> str:
+        if self.cluster is None:
+            return ""
+        return "redis=up" if self.cluster.subscribed else "redis=down"
+
+    def _serving(self, serving: bool) -> None:
+        from mailgate.healthz import Phase
+
+        if self.health is not None:
+            self.health.phase = Phase.SERVING if serving else Phase.DRAINING
+
+    async def _drain_for_balancer(self) -> None:
+        """Shutting down: the health endpoint says so at once, and the node goes on serving
+        for drain_delay, so the balancer stops sending clients before the listeners close."""
+        if self.health is None:
+            return
+        self._serving(False)
+        delay = self.settings.drain_delay
+        if delay > 0:
+            log.info("health: draining; listeners close in %.1f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _close_node_services(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
+        if self.health is not None:
+            await self.health.close()
 
     # --- listeners ------------------------------------------------------------------------------
 
@@ -326,6 +385,8 @@ class Supervisor:
         if worker is None:
             return
         gone = self.state.forget_worker(pid)
+        if self.cluster is not None:  # cluster hook: its leases in Redis go now
+            self.cluster.worker_gone(pid)
         metrics.worker_died(pid)
         worker.link.close()
         if not worker.ready.done():
@@ -432,6 +493,7 @@ class Supervisor:
         try:
             settings = config.load(source)
             preflight(settings)
+            _same_node_services(self.settings, settings)  # cluster hook
             fresh = self._bind(settings)
         except (ConfigError, OSError) as e:
             return False, f"the new configuration was not applied: {e}"

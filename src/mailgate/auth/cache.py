@@ -102,6 +102,28 @@ class Cached:
         self._entries.clear()
         self._generation += 1
 
+    def forget(self, user: str | None = None, domain: str | None = None) -> int:
+        """Forget the entries of one user, or of every user of a domain (a change published
+        by the admin commands, cluster-wide); how many went. A lookup in flight for them
+        does not refill."""
+        if user is None and domain is None:
+            return 0
+        try:
+            name = self._name(user) if user is not None else None
+        except names.BadName:
+            return 0
+        suffix = "@" + domain.lower() if domain is not None else None
+        gone = [
+            key
+            for key in self._entries
+            if key[0] == name or (suffix is not None and key[0].endswith(suffix))
+        ]
+        for key in gone:
+            del self._entries[key]
+        if gone or self._pending:
+            self._generation += 1
+        return len(gone)
+
     def __len__(self) -> int:
         return len(self._entries)
 

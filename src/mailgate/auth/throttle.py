@@ -65,6 +65,11 @@ class Throttled:
         if callable(flush):
             flush()
 
+    def forget(self, user: str | None = None, domain: str | None = None) -> int:
+        """Pass a cache invalidation (a user or domain changed) on; see Cached.forget."""
+        forget = getattr(self._inner, "forget", None)
+        return int(forget(user=user, domain=domain)) if callable(forget) else 0
+
     async def authenticate(self, creds: Credentials, client: ClientInfo) -> Decision:
         # SMTP relay without AUTH guesses no password: the envelope decides, nothing to count.
         if not self._settings.enabled or creds.method is Method.NONE:
@@ -100,6 +105,8 @@ class Throttled:
                 "throttle: too many logins at once for %s from %s", attempt.user, client.ip
             )
             return TempFail("too many logins at once", wait=self._settings.base_delay)
+        if admission.verdict is Verdict.MOVING:  # `mailgate user move`: back in a moment
+            return TempFail(f"{attempt.user} is being moved")
         _refusals.warning(
             "throttle: refusing a login as %s from %s: %s",
             attempt.user,

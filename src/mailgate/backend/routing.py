@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mailgate import metrics
 from mailgate.backend import pools as P
@@ -53,6 +53,7 @@ class Target:
     route: Route
     member: P.Member | None = None
     probe: bool = False
+    key: str = ""  # whose login: the plan's key (the user, or the client address)
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -109,7 +110,7 @@ class Plan:
         router = self._router
         while self._order:
             member = self._order.pop(0)
-            admission = router.state.admit(member, self._key, router.clock())
+            admission = self._admit(member)
             if not admission.admitted:
                 self.refusals.append(f"{member.name} {admission.why}")
                 continue
@@ -129,8 +130,11 @@ class Plan:
                 self.refusals.append(f"{member.name}: {loop}")
                 continue
             self.tried += 1
-            return Target(route, member, admission.probe)
+            return Target(route, member, admission.probe, self._key)
         return None
+
+    def _admit(self, member: P.Member) -> P.Admission:
+        return self._router.state.admit(member, self._key, self._router.clock())
 
     def refusal(self) -> NoBackend:
         assert self._pool is not None
@@ -138,6 +142,25 @@ class Plan:
         what = "; ".join(self.refusals) or "no member"
         kind = "loop" if any("proxy loop" in r for r in self.refusals) else "unavailable"
         return NoBackend(f"pool {pool}: no member takes logins now ({what})", kind, pool)
+
+
+class AffinityHook(Protocol):
+    """What a pool with `affinity = true` asks of the cluster (affinity.py)."""
+
+    async def plan(
+        self, router: BackendRouter, pool: P.Pool, route: Route, protocol: str, key: str
+    ) -> Plan | NoBackend: ...
+
+    def planned(self, pool: P.Pool | None) -> None: ...
+
+    def session_started(self, target: Target) -> Callable[[], None]: ...
+
+    def failed(self, target: Target) -> None: ...
+
+
+# A relayed session as counted on its member: the metric's labels, and the cluster's own
+# ending for an affinity pool's session.
+SessionCount = tuple[tuple[str, str], Callable[[], None] | None]
 
 
 class BackendRouter:
@@ -169,6 +192,8 @@ class BackendRouter:
             else None
         )
         self._started = False
+        # Pools with `affinity = true` choose through this (set by the worker: affinity.py).
+        self.affinity: AffinityHook | None = None
         for pool in self.pools.values():
             for member in pool.members:
                 metrics.backend_state(member.pool, member.name, "up")
@@ -234,6 +259,21 @@ class BackendRouter:
             self._changed(change)
         return Plan(self, route, protocol, key, pool, P.candidates(pool, key, preferred))
 
+    async def plan_login(self, route: Route, protocol: str, key: str) -> Plan | NoBackend:
+        """`plan`, and for a pool with `affinity = true` the user's one member (which may
+        take a round trip to Redis when the login's first one did not settle it)."""
+        hook = self.affinity
+        if hook is None:
+            return self.plan(route, protocol, key)
+        pool, _ = self._pool_for(route)
+        hook.planned(pool)
+        if pool is None or not pool.settings.affinity:
+            return self.plan(route, protocol, key)
+        self.start()
+        for change in self.state.tick(self.clock()):
+            self._changed(change)
+        return await hook.plan(self, pool, route, protocol, key)
+
     def _pool_for(self, route: Route) -> tuple[P.Pool | None, P.Member | None]:
         if route.pool is not None:
             return self.pools.get(route.pool), None
@@ -262,28 +302,44 @@ class BackendRouter:
         if target.member is not None and reason != "loop":
             kind = P.EventKind.LOGIN_FAILED if error.temporary else P.EventKind.LOGIN_OK
             self.record(P.HealthEvent(kind, pool, member, self.clock(), error.detail))
+        if self.affinity is not None and target.member is not None:
+            self.affinity.failed(target)
         return reason
+
+    def abandoned(self, target: Target) -> None:
+        """A login that succeeded at `target` ends before its session begins (kicked on its
+        way, or its client left): its affinity claim goes back now, not at its deadline (a
+        move waits for the user's claims)."""
+        if self.affinity is not None and target.member is not None:
+            self.affinity.failed(target)
 
     def succeeded(self, target: Target) -> None:
         if target.member is not None:
             m = target.member
             self.record(P.HealthEvent(P.EventKind.LOGIN_OK, m.pool, m.name, self.clock()))
 
-    def session_started(self, target: Target) -> tuple[str, str]:
-        """Count a relayed session on its member; give the labels returned to
-        `session_ended` when it ends (a pair, not a closure: idle sessions are many)."""
+    def session_started(self, target: Target) -> SessionCount:
+        """Count a relayed session on its member (and in the cluster's affinity, if its pool
+        has it); give what this returns to `session_ended` when it ends (labels, not a
+        closure, in the common case: idle sessions are many)."""
         labels = target.labels
         self._sessions[labels] = self._sessions.get(labels, 0) + 1
         metrics.backend_sessions(*labels, 1)
-        return labels
+        member, hook = target.member, self.affinity
+        if hook is not None and member is not None and self.pools[member.pool].settings.affinity:
+            return labels, hook.session_started(target)
+        return labels, None
 
-    def session_ended(self, labels: tuple[str, str]) -> None:
+    def session_ended(self, counted: SessionCount) -> None:
+        labels, cluster_ended = counted
         left = self._sessions.get(labels, 1) - 1
         if left > 0:
             self._sessions[labels] = left
         else:
             self._sessions.pop(labels, None)
         metrics.backend_sessions(*labels, -1)
+        if cluster_ended is not None:
+            cluster_ended()
 
     # --- events -------------------------------------------------------------------------------
 

@@ -152,6 +152,7 @@ def start_mailstore(
             mail=mail,
             mail_user=peers.MAIL_USER,
             trusted="127.0.0.0/8",
+            listen="127.0.0.1",
             tls="ssl = no",
             protocols="imap lmtp" + " pop3" * bool(pop3_port),
             listeners=peers._dovecot_listeners(served)

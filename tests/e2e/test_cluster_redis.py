@@ -7,6 +7,7 @@ commands reaches both route caches at once; Redis stopped under load is the degr
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from harness import FakeBackend, imap_backend, running_backend
+from guessing import BUDGET, RIGHT, VICTIM, attack, deciding
+from harness import FakeAuth, FakeBackend, imap_backend, running_auth, running_backend
 from mailgate.config import load
 
 from .clusterkit import (
@@ -381,3 +383,41 @@ def test_config_names(tmp_path: Path) -> None:
     path.write_text(to_toml({**config, "listener": [{"protocol": "imap", "listen": ":1"}]}))
     loaded = load(path)
     assert loaded.cluster.node_name == "x" and loaded.pools[0].affinity
+
+
+def test_parallel_guesses_across_two_nodes_never_pass_the_clusters_budget(
+    tmp_path: Path, redis_server: peers.Peer
+) -> None:
+    """Issue 8's race with Redis: 300 guesses at once for one user, spread over two nodes of
+    two workers each and 250 source addresses; the right password is among them. The auth
+    service counts what reaches the password check."""
+    config = {
+        "shutdown_timeout": 1,
+        "workers": 2,
+        "throttle": {
+            "lockout_after": BUDGET,
+            "free": 1000,  # no delays: the budget alone must hold
+            "concurrent_per_user": 1000,
+            "concurrent_per_ip": 1000,
+        },
+        "imap": {"login_timeout": 60.0},
+        "cluster": {"redis_url": f"redis://{HOST}:{redis_server.ports['redis']}/0"},
+    }
+    with running_backend(imap_backend(RIGHT)) as backend:
+        fake = FakeAuth(deciding(backend.port), delay=0.1)  # checks overlap
+        with running_auth(fake) as auth:
+            nodes = []
+            try:
+                for name in ("n1", "n2"):
+                    node_config = config | {"auth_http": {"url": auth.url, "timeout": 20.0}}
+                    node_config["cluster"] = config["cluster"] | {"node_name": name}
+                    nodes.append(start_node(tmp_path, name, node_config))
+                ports = [node.port for node in nodes]
+                replies = asyncio.run(attack(ports, many_sources=True))
+            finally:
+                for node in nodes:
+                    node.mg.stop()
+    checked = [r for r in fake.requests if r.get("Auth-User") == VICTIM]
+    assert len(checked) <= BUDGET, f"{len(checked)} guesses reached the password check"
+    assert not any(b" OK " in reply for reply in replies)  # the right password did not get in
+    assert all(reply.startswith(b"a NO ") for reply in replies)

@@ -123,6 +123,7 @@ class RedisGate:
         self.holding = False
         self.requests = 0
         self.held: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self.held_requests: list[bytes] = []  # beside `held`: the request each reply answers
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -156,7 +157,7 @@ class RedisGate:
         """Send on what is held; how many replies that was."""
 
         def go() -> int:
-            held, self.held = self.held, []
+            held, self.held, self.held_requests = self.held, [], []
             for writer, data in held:
                 writer.write(data)
             return len(held)
@@ -168,12 +169,16 @@ class RedisGate:
             self.holding = False
             for writer, data in self.held:
                 writer.write(data)
-            self.held = []
+            self.held, self.held_requests = [], []
 
         self._call(go)
 
     def waiting(self) -> int:
         return int(self._call(lambda: len(self.held)))
+
+    def waiting_for(self, marker: bytes) -> bool:
+        """A held reply answers a request that carries `marker` (a user's name)."""
+        return bool(self._call(lambda: any(marker in r for r in self.held_requests)))
 
     def seen(self) -> int:
         return int(self._call(lambda: self.requests))
@@ -185,9 +190,12 @@ class RedisGate:
             writer.close()
             return
 
+        asked = [b""]  # what this connection sent last: the request a held reply answers
+
         async def forward() -> None:
             while data := await reader.read(65536):
                 self.requests += 1
+                asked[0] = data
                 up_writer.write(data)
             up_writer.close()
 
@@ -195,6 +203,7 @@ class RedisGate:
             while data := await up_reader.read(65536):
                 if self.holding:
                     self.held.append((writer, data))
+                    self.held_requests.append(asked[0])
                 else:
                     writer.write(data)
             writer.close()

@@ -287,21 +287,23 @@ def test_a_cached_login_waits_for_one_redis_round_trip(
         try:
             user = USERS[2]
             assert b"a OK" in login_once(HOST, node.port, user, PASSWORD)  # now cached
+            # That session's end (batched, and naming the user) must be in Redis before the
+            # gate holds: the held reply to wait for is the next login's.
+            wait_until(
+                lambda: not node.ask(op="who", user=user)["sessions"],
+                "the first session's end reaches Redis",
+            )
             before = node.ask(op="stats")
             session = Imap(HOST, node.port)
             gate.hold()
             reply: list[bytes] = []
             client = threading.Thread(target=lambda: reply.append(session.login(user, PASSWORD)))
             client.start()
-            wait_until(lambda: gate.waiting(), "the login's first request reaches Redis")
-            # The node's own traffic (a heartbeat, the last session's batched end) may be
-            # what is held first: let the login's request arrive too before the first round.
-            held = gate.waiting()
-            while True:
-                time.sleep(0.3)
-                if gate.waiting() == held:
-                    break
-                held = gate.waiting()
+            # The node's own traffic (a heartbeat, the last session's batched end) is held
+            # too: the first round is the one that answers the login's own request.
+            wait_until(
+                lambda: gate.waiting_for(user.encode()), "the login's first request reaches Redis"
+            )
             rounds = 0
             while client.is_alive() and rounds < 4:
                 gate.release()

@@ -67,6 +67,8 @@ PROBE_INTERVAL = 1.0
 REGISTRY_INTERVAL = 1.0
 # Affinity records a heartbeat refreshes at most (the rest at the next one).
 REFRESH_BATCH = 2000
+# Writes of a resync at most, while sessions that end during a write make it stale.
+RESYNC_ROUNDS = 3
 
 _boot = secrets.token_hex(3)
 
@@ -147,6 +149,11 @@ class ClusterStore:
         self.sessions: Counter[tuple[str, str, str]] = Counter()  # affinity (pool, user, member)
         self._refreshed: dict[tuple[str, str, str], float] = {}
         self.on_conflict: Callable[[str, str, str], None] = lambda pool, user, member: None
+        # While a resync writes what this worker holds, leases are neither taken nor given
+        # back (they wait in `_after_resync`), and it waits for the Redis calls under way.
+        self.resyncing = False
+        self._resynced = asyncio.Event()
+        self._asking = 0
         redis.on_error = self._down
 
     # --- health -------------------------------------------------------------------------------
@@ -168,6 +175,8 @@ class ClusterStore:
     # --- Store: the login budget --------------------------------------------------------------
 
     async def begin(self, attempt: Attempt) -> Admission:
+        if self.resyncing:
+            await self._after_resync()
         if not self.healthy:
             self._ticket(attempt, False)
             return await self.node.begin(attempt)
@@ -185,12 +194,15 @@ class ClusterStore:
             lease_user=user,
             claims=claims,
         )
+        self._asking += 1
         try:
             answer = await self.redis.login(request)
         except RedisUnavailable as e:
             self._down(e)
             self._ticket(attempt, False)
             return await self.node.begin(attempt)
+        finally:
+            self._asking -= 1
         TICKET.set(ticket)
         ticket.user_failures = answer.user_failures
         if answer.lease:
@@ -214,6 +226,8 @@ class ClusterStore:
                     self.affinity.remember(claim)
 
     async def end(self, attempt: Attempt, outcome: str, identity: str | None) -> Settled:
+        if self.resyncing:
+            await self._after_resync()
         ticket = TICKET.get()
         if ticket is None or ticket.attempt is not attempt or not ticket.on_redis:
             return await self.node.end(attempt, outcome, identity)
@@ -235,11 +249,14 @@ class ClusterStore:
             return Settled(0, 0)
         args = (ticket.id, self.throttle, attempt.ip, attempt.user or "", attempt.trusted,
                 outcome, identity or "", lease, claims)  # fmt: skip
+        self._asking += 1
         try:
             s = await self.redis.settle(*args)
         except RedisUnavailable as e:
             self._down(e)
             return await self.node.end(attempt, outcome, identity)
+        finally:
+            self._asking -= 1
         return Settled(s.ip_failures, s.user_failures, s.locked, s.spraying, s.identity_locked)
 
     def _taken_lease(self, ticket: Ticket) -> LeaseKey | None:
@@ -254,6 +271,8 @@ class ClusterStore:
     # --- Store: session leases -----------------------------------------------------------------
 
     async def acquire(self, user: str | None, ip: str, trusted: bool) -> LeaseRefusal | None:
+        if self.resyncing:
+            await self._after_resync()
         key = (user, ip, trusted)
         ticket = TICKET.get()
         if ticket is not None and ticket.on_redis and ticket.lease_status and not ticket.lease_used:
@@ -279,11 +298,14 @@ class ClusterStore:
             limits=self.limits,
             lease_user=user or "",
         )
+        self._asking += 1
         try:
             answer = await self.redis.login(request)
         except RedisUnavailable as e:
             self._down(e)
             return await self._acquire_on_node(key)
+        finally:
+            self._asking -= 1
         if answer.lease == "ok":
             self.held_redis[key] += 1
             return None
@@ -298,6 +320,8 @@ class ClusterStore:
         return refusal
 
     async def release(self, user: str | None, ip: str, trusted: bool) -> None:
+        if self.resyncing:
+            await self._after_resync()
         key = (user, ip, trusted)
         if self.held_node[key] > 0:
             self.held_node[key] -= 1
@@ -423,7 +447,47 @@ class ClusterStore:
         return due
 
     async def resync(self, expires: dict[str, float]) -> None:
-        """Write what this worker holds again (Redis lost it, or was away)."""
+        """Write what this worker holds again (Redis lost it, or was away), and count in Redis
+        from then on.
+
+        Redis is told the whole of it, replacing what it had of this owner, so what the worker
+        holds must not change under the write: a session that ended while the snapshot was on
+        its way would stay counted in Redis (its release went to the node), one that began
+        would be missing. So leases wait at `_after_resync` meanwhile, the Redis calls and the
+        batch already under way are let finish first, and the write is made again while the
+        sessions that end or start anyway (their relays close whenever) changed it."""
+        self.resyncing = True
+        self._resynced.clear()
+        moved: list[tuple[LeaseKey, int]] = []
+        conflicts: list[tuple[str, str, str]] = []
+        try:
+            await self._calls_done()
+            for _ in range(RESYNC_ROUNDS):
+                leases, affinity = self._holdings(expires)
+                conflicts = await self.redis.resync(self.lease_ms, leases, affinity)
+                if self._holdings(expires) == (leases, affinity):
+                    break
+            # What was counted on the node during the outage is now counted in Redis.
+            moved = list(self.held_node.items())
+            self.held_node.clear()
+            for key, n in moved:
+                self.held_redis[key] += n
+            self.healthy = True
+        finally:
+            self.resyncing = False
+            self._resynced.set()
+        for key, n in moved:
+            for _ in range(n):
+                await self.node.release(*key)
+        for pool, user, assigned in conflicts:
+            for p, u, member in list(self.sessions):
+                if (p, u) == (pool, user):
+                    self._conflict(pool, user, member, assigned)
+
+    def _holdings(
+        self, expires: dict[str, float]
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int]]]:
+        """This worker's leases and affinity records, as a resync writes them."""
         leases: Counter[str] = Counter()
         for held in (self.held_redis, self.held_node):
             for key, n in held.items():
@@ -433,17 +497,19 @@ class ClusterStore:
         for (pool, user, member), n in self.sessions.items():
             leases[f"a|{pool}|{user}"] += n
             affinity.append((pool, user, member, int(expires.get(pool, 900.0) * 1000)))
-        conflicts = await self.redis.resync(self.lease_ms, dict(leases), affinity)
-        # What was counted on the node during the outage is now counted in Redis.
-        for key, n in list(self.held_node.items()):
-            for _ in range(n):
-                await self.node.release(*key)
-            self.held_redis[key] += n
-        self.held_node.clear()
-        for pool, user, assigned in conflicts:
-            for p, u, member in list(self.sessions):
-                if (p, u) == (pool, user):
-                    self._conflict(pool, user, member, assigned)
+        return dict(leases), affinity
+
+    async def _calls_done(self) -> None:
+        """Until no login waits for Redis and no batch is queued or on its way (bounded: each
+        is bounded by the client's timeout, and a stuck one must not stall recovery)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.cluster.timeout + 1.0
+        while (self._asking or not self.redis.idle()) and loop.time() < give_up:
+            await asyncio.sleep(0.005)
+
+    async def _after_resync(self) -> None:
+        while self.resyncing:
+            await self._resynced.wait()
 
 
 class WorkerCluster:
@@ -499,6 +565,7 @@ class WorkerCluster:
 
     async def _beat(self, starting: bool = False) -> None:
         store = self.store
+        was_healthy = store.healthy
         if not store.healthy and not starting:
             await self.redis.reset()  # connections from before the outage are likely dead
         try:
@@ -513,7 +580,7 @@ class WorkerCluster:
         if reaped:
             self.reaped += reaped
             log.info("cluster: %d owners stopped their heartbeat; %d leases freed", reaped, leases)
-        if not store.healthy and not starting:
+        if not was_healthy and not starting:
             log.warning("Redis (%s) is back: counting in the cluster again", self.where)
         store.healthy = True
 

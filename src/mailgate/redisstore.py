@@ -200,6 +200,10 @@ class RedisState:
             self._scheduled = True
             asyncio.get_running_loop().call_later(BATCH_DELAY, self._start_flush)
 
+    def idle(self) -> bool:
+        """Nothing queued for a batch, and no batch on its way."""
+        return not self._queue and not self._flushing and not self._scheduled
+
     def _start_flush(self) -> None:
         self._scheduled = False
         if self._flushing or not self._queue:

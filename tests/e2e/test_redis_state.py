@@ -9,6 +9,7 @@ import asyncio
 import random
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,3 +201,49 @@ async def affinity(url: str) -> None:
 
 def test_affinity_keeps_a_user_on_one_member_from_every_node(redis_url: str) -> None:
     asyncio.run(affinity(redis_url))
+
+
+async def resync_while_sessions_come_and_go(url: str) -> tuple[int, int]:
+    """What Redis counts for alice after two resyncs: one with her only session ending
+    while the write is on its way, one with a session beginning meanwhile."""
+    from mailgate.cluster import ClusterStore
+    from mailgate.config import parse
+    from mailgate.statestore import LocalStore
+
+    prefix = f"resync-{secrets.token_hex(3)}"
+    settings = parse(
+        {"cluster": {"redis_url": url, "lease": 30, "prefix": prefix}, "limits": {"per_user": 2}},
+        base_dir=Path("."),
+    )
+    redis = RedisState(redisconn.client(redisconn.parse_url(url), 5.0), prefix, "n1/r/1")
+    store = ClusterStore(redis, LocalStore(NodeState(settings.throttle, settings.limits)), settings)
+    alice = ("alice@example.com", "192.0.2.1", False)
+
+    async def counted() -> int:
+        await asyncio.sleep(0.1)  # a lease given back goes in the next batch
+        return int(await redis.call("HGET", redis.keys.base + "l", "u:" + alice[0]) or 0)
+
+    try:
+        await redis.heartbeat(store.lease_ms)
+        assert await store.acquire(*alice) is None  # Redis away: counted on the node
+        writing = asyncio.ensure_future(store.resync({}))
+        await asyncio.sleep(0)  # the resync's write is on its way to Redis
+        await store.release(*alice)
+        await writing
+        after_an_end = await counted()
+        store.healthy = False  # away again, and back with a session starting meanwhile
+        writing = asyncio.ensure_future(store.resync({}))
+        await asyncio.sleep(0)
+        assert await store.acquire(*alice) is None
+        await writing
+        after_a_start = await counted()
+        await store.release(*alice)
+        return after_an_end, after_a_start
+    finally:
+        await redis.close()
+
+
+def test_a_resync_counts_the_sessions_that_end_or_begin_while_it_writes(redis_url: str) -> None:
+    # Without this, an ended session stayed counted in Redis as long as the worker lived
+    # (a user locked out at per_user on every node), and a new one was never counted.
+    assert asyncio.run(resync_while_sessions_come_and_go(redis_url)) == (0, 1)

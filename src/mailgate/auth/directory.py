@@ -343,18 +343,7 @@ class SqlDirectory:
             login, secret = record.login, creds.secret
         if not record.master_user:
             self._masters.pop(record.mailstore or "", None)  # the master user was removed
-        route = Route(
-            record.host,
-            record.port,
-            login,
-            secret,
-            record.tls,
-            record.mailstore,
-            record.smtp_mode,
-            identity=record.user,
-            pool=record.pool,
-            backend_auth=backend_auth,
-        )
+        route = self._mailstore_route(record, login, secret, backend_auth)
         # DEBUG: the session already logs one line per login; refusals are worth a line more.
         return Verdict(route, f"ok: {record.host}:{record.port} as {login}", level=logging.DEBUG)
 
@@ -461,7 +450,18 @@ class SqlDirectory:
         else:
             assert token is not None
             login, secret = record.login, token
-        route = Route(
+        route = self._mailstore_route(record, login, secret, how, label)
+        what = f" (app password {label!r})" if label else ""
+        reason = f"ok{what}: {record.host}:{record.port} as {login} by {how.value}"
+        return Verdict(route, reason, level=logging.DEBUG)
+
+    @staticmethod
+    def _mailstore_route(
+        record: UserRecord, login: str, secret: Secret, how: BackendAuth, label: str | None = None
+    ) -> Route:
+        """The route to `record`'s mailstore, logging in as `login` with `secret`."""
+        assert record.host is not None and record.port is not None
+        return Route(
             record.host,
             record.port,
             login,
@@ -474,9 +474,6 @@ class SqlDirectory:
             backend_auth=how,
             credential_label=label,
         )
-        what = f" (app password {label!r})" if label else ""
-        reason = f"ok{what}: {record.host}:{record.port} as {login} by {how.value}"
-        return Verdict(route, reason, level=logging.DEBUG)
 
     # --- app passwords ----------------------------------------------------------------------------
 

@@ -191,16 +191,7 @@ def verify_group(values: list[str], password: Secret) -> int | None:
     if group is None or any(salt_group(v) != group for v in values):
         return next((i for i, v in enumerate(values) if verify(v, password)), None)
     params, salt, _ = _argon2_parts(values[0])
-    computed = argon2.low_level.hash_secret_raw(
-        _bytes(password),
-        salt,
-        time_cost=params.time_cost,
-        memory_cost=params.memory_cost,
-        parallelism=params.parallelism,
-        hash_len=params.hash_len,
-        type=params.type,
-        version=params.version,
-    )
+    computed = _argon2_hash(argon2.low_level.hash_secret_raw, params, salt, password)
     found = None
     for index, value in enumerate(values):  # compare with all: no early exit to time
         if _equal(computed, _argon2_parts(value)[2]) and found is None:
@@ -215,7 +206,16 @@ def hash_like(template: str, password: Secret) -> str:
     if salt_group(template) is None:
         raise MalformedHash("hash_like: the template is not an ARGON2 value")
     params, salt, _ = _argon2_parts(template)
-    encoded = argon2.low_level.hash_secret(
+    encoded = _argon2_hash(argon2.low_level.hash_secret, params, salt, password)
+    return template[: template.index("}") + 1] + encoded.decode("ascii")
+
+
+def _argon2_hash(
+    hasher: Callable[..., bytes], params: argon2.Parameters, salt: bytes, password: Secret
+) -> bytes:
+    """`password` hashed by argon2's low-level `hasher` (raw digest or encoded value) with
+    the parameters and salt of a stored value."""
+    return hasher(
         _bytes(password),
         salt,
         time_cost=params.time_cost,
@@ -225,7 +225,6 @@ def hash_like(template: str, password: Secret) -> str:
         type=params.type,
         version=params.version,
     )
-    return template[: template.index("}") + 1] + encoded.decode("ascii")
 
 
 def _argon2_parts(stored: str) -> tuple[argon2.Parameters, bytes, bytes]:

@@ -153,15 +153,20 @@ class Cluster:
         """Per user, every session the stores logged: (store, login, disconnect or now)."""
         found: dict[str, list[tuple[str, float, float]]] = {}
         for store in self.stores:
-            opened: dict[str, tuple[str, float]] = {}
+            # Paired by session id, not in the log's order: Dovecot's log process writes what
+            # its login and imap processes send as it reads their pipes, so a short session's
+            # "Disconnected" can come before its "Login" (seen under load; that session then
+            # looked open for good, a split that never was).
+            logins: dict[str, tuple[str, float]] = {}
+            ends: dict[str, float] = {}
             for line in self.store_log(store).splitlines():
                 if m := _LOGIN.match(line):
-                    opened[m.group(3)] = (m.group(2), _stamp(m.group(1)))
-                elif (m := _END.match(line)) and m.group(3) in opened:
-                    user, start = opened.pop(m.group(3))
-                    found.setdefault(user, []).append((store, start, _stamp(m.group(1))))
-            for user, start in opened.values():
-                found.setdefault(user, []).append((store, start, time.time() + 3600))
+                    logins[m.group(3)] = (m.group(2), _stamp(m.group(1)))
+                elif m := _END.match(line):
+                    ends[m.group(3)] = _stamp(m.group(1))
+            for session, (user, start) in logins.items():
+                end = ends.get(session, time.time() + 3600)
+                found.setdefault(user, []).append((store, start, max(start, end)))
         return found
 
     def assert_never_split(self) -> None:

@@ -49,6 +49,8 @@ from mailgate.auth.sqlread import (
 # CPU a read may spend on the event loop before it is moved to the thread: 1 ms is some 60
 # lookups' worth of the directory's own query and a tenth of a busy worker's login budget.
 LOOP_BUDGET = 0.001
+# How much longer than query_timeout the thread's connection waits for a lock (see above).
+BUSY_MARGIN = 0.5
 # How often SQLite calls the budget check: an indexed lookup takes a few hundred
 # instructions, so it finishes before the first check; a scan is checked every ~50 µs.
 PROGRESS_STEP = 1000
@@ -101,7 +103,10 @@ class SqliteReader:
 
     def __init__(self, path: str, query_timeout: float) -> None:
         self._path = path
-        self._busy_timeout = query_timeout  # the thread's wait for a writer's lock
+        # The thread's wait for a writer's lock: past query_timeout, so that the directory's
+        # own timeout is what gives up (one reason in the log, "no answer in N s", and the
+        # thread's connection interrupted), not SQLite's busy handler a moment before it.
+        self._busy_timeout = query_timeout + BUSY_MARGIN
         self.statements = Statements(sqlite_dialect())
         self._loop_conn: sqlite3.Connection | None = None
         self._loop_opened = 0.0

@@ -252,7 +252,7 @@ def raw_session(port: int) -> socket.socket:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))  # free on every address: some tests bind the wildcard
         return int(s.getsockname()[1])
 
 

@@ -48,6 +48,13 @@ LEASE = 4.0  # [cluster] lease: a dead node's sessions are freed within this (pl
 PER_USER = 5
 MOVE_DELAY = 0.5
 _STAMP = "%Y-%m-%d %H:%M:%S.%f"
+# Dovecot's default login line with the client's port (mailgate forwards it): the split
+# check's report finds the node's session line by it.
+_LOGIN_FORMAT = (
+    "login_log_format_elements = user=<%u> method=%m rip=%r rport=%{rport} lip=%l mpid=%e "
+    "%c session=<%{session}>\n"
+)
+_STORE_CONF = f'log_timestamp = "{_STAMP.replace("%f", "%{usecs}")} "\n{_LOGIN_FORMAT}'
 _LOGIN = re.compile(r"^(\S+ \S+) imap-login: Info: Login: user=<([^>]*)>.*session=<([^>]+)>")
 _END = re.compile(r"^(\S+ \S+) imap\(([^)]*)\)<\d+><([^>]+)>: Info: Disconnected")
 
@@ -149,9 +156,9 @@ class Cluster:
     def store_log(self, name: str) -> str:
         return self.stores[name].log_path.read_text(errors="replace")
 
-    def intervals(self) -> dict[str, list[tuple[str, float, float]]]:
-        """Per user, every session the stores logged: (store, login, disconnect or now)."""
-        found: dict[str, list[tuple[str, float, float]]] = {}
+    def intervals(self) -> dict[str, list[tuple[str, float, float, str]]]:
+        """Per user, every session the stores logged: (store, login, disconnect or now, id)."""
+        found: dict[str, list[tuple[str, float, float, str]]] = {}
         for store in self.stores:
             # Paired by session id, not in the log's order: Dovecot's log process writes what
             # its login and imap processes send as it reads their pipes, so a short session's
@@ -166,20 +173,51 @@ class Cluster:
                     ends[m.group(3)] = _stamp(m.group(1))
             for session, (user, start) in logins.items():
                 end = ends.get(session, time.time() + 3600)
-                found.setdefault(user, []).append((store, start, max(start, end)))
+                found.setdefault(user, []).append((store, start, max(start, end), session))
         return found
 
     def assert_never_split(self) -> None:
         """No user was on both stores at any moment, by the stores' own logs."""
         split = []
         for user, sessions in self.intervals().items():
-            on_a = [(s, e) for store, s, e in sessions if store == "a"]
-            on_b = [(s, e) for store, s, e in sessions if store == "b"]
-            for a_start, a_end in on_a:
-                for b_start, b_end in on_b:
+            on_a = [(s, e, i) for store, s, e, i in sessions if store == "a"]
+            on_b = [(s, e, i) for store, s, e, i in sessions if store == "b"]
+            for a_start, a_end, a_id in on_a:
+                for b_start, b_end, b_id in on_b:
                     if a_start < b_end and b_start < a_end:
-                        split.append((user, _hms(a_start), _hms(a_end), _hms(b_start), _hms(b_end)))
-        assert not split, f"users on both stores at once (a from-to, b from-to): {split[:5]}"
+                        split.append((user, a_start, a_end, a_id, b_start, b_end, b_id))
+        if split:
+            shown = [(u, _hms(s1), _hms(e1), _hms(s2), _hms(e2))
+                     for u, s1, e1, _, s2, e2, _ in split[:5]]  # fmt: skip
+            report = self.explain_split(split[0])
+            raise AssertionError(f"users on both stores at once (a from-to, b from-to): "
+                                 f"{shown}\n{report}")  # fmt: skip
+
+    def explain_split(self, split: tuple[Any, ...]) -> str:
+        """What the stores and the nodes logged about the first split: its two sessions'
+        store lines, the nodes' lines for their clients, and cluster events near them."""
+        user, a_start, _, a_id, b_start, _, b_id = split
+        out = []
+        ports = set()
+        for store, sid in (("a", a_id), ("b", b_id)):
+            for line in self.store_log(store).splitlines():
+                if f"<{sid}>" in line:
+                    out.append(f"store {store}: {line}")
+                    if m := re.search(r"rport=(\d+)", line):
+                        ports.add(m.group(1))
+        near = (min(a_start, b_start) - 5, max(a_start, b_start) + 5)
+        events = re.compile(r"Redis|affinity|kicked|cluster:|moving|moved|no backend")
+        for node in self.nodes:
+            for line in node.log_text().splitlines():
+                stamp = _node_stamp(line)
+                if stamp is None or not near[0] <= stamp <= near[1]:
+                    continue
+                mine = any(f":{port} " in line for port in ports)
+                if mine or (events.search(line) and (user in line or "Redis" in line)):
+                    out.append(f"{node.name}: {line}")
+        with contextlib.suppress(Exception):  # and what the nodes hold of the user now
+            out.append(f"who {user}: {who(self, 1, user=user)}")
+        return "\n".join(out[-80:])
 
     def imap(self, node: int | None = None, tls: bool = False) -> Imap:
         """A client session: straight to a node's own listener, or through HAProxy."""
@@ -201,6 +239,14 @@ class TlsImap(Imap):
 
 def _stamp(text: str) -> float:
     return dt.datetime.strptime(text, _STAMP).timestamp()
+
+
+def _node_stamp(line: str) -> float | None:
+    """The time of a mailgate log line ("2026-01-02 03:04:05,678 ..."), None if it has none."""
+    try:
+        return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
 
 
 def _hms(t: float) -> str:
@@ -312,7 +358,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, server_cert: Any) -> Itera
                 workdir, f"store-{name}", imap_port=ports[f"imap-{name}"],
                 pop3_port=ports[f"pop3-{name}"], users=USERS, mail_dir=mail,
                 listen=f"127.0.0.1, {hub}", trusted_networks=f"127.0.0.0/8 {lab.net}",
-                extra_conf=f'log_timestamp = "{_STAMP.replace("%f", "%{usecs}")} "\n',
+                extra_conf=_STORE_CONF,
             )  # fmt: skip
             started.append(stores[name])
         admin = workdir / "admin.toml"

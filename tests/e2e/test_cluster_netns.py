@@ -176,7 +176,7 @@ class Cluster:
                 found.setdefault(user, []).append((store, start, max(start, end), session))
         return found
 
-    def assert_never_split(self) -> None:
+    def assert_never_split(self, *loads: Load) -> None:
         """No user was on both stores at any moment, by the stores' own logs."""
         split = []
         for user, sessions in self.intervals().items():
@@ -189,13 +189,14 @@ class Cluster:
         if split:
             shown = [(u, _hms(s1), _hms(e1), _hms(s2), _hms(e2))
                      for u, s1, e1, _, s2, e2, _ in split[:5]]  # fmt: skip
-            report = self.explain_split(split[0])
+            report = self.explain_split(split[0], loads)
             raise AssertionError(f"users on both stores at once (a from-to, b from-to): "
                                  f"{shown}\n{report}")  # fmt: skip
 
-    def explain_split(self, split: tuple[Any, ...]) -> str:
+    def explain_split(self, split: tuple[Any, ...], loads: tuple[Load, ...] = ()) -> str:
         """What the stores and the nodes logged about the first split: its two sessions'
-        store lines, the nodes' lines for their clients, and cluster events near them."""
+        store lines, the nodes' lines for their clients, cluster events near them, and the
+        test clients' attempts (start, end, result, port) for the user around then."""
         user, a_start, _, a_id, b_start, _, b_id = split
         out = []
         ports = set()
@@ -215,6 +216,10 @@ class Cluster:
                 mine = any(f":{port} " in line for port in ports)
                 if mine or (events.search(line) and (user in line or "Redis" in line)):
                     out.append(f"{node.name}: {line}")
+        for load in loads:
+            for started, ended, who_, result, port in load.trace:
+                if who_ == user and (near[0] <= started <= near[1] or str(port) in ports):
+                    out.append(f"client {_hms(started)}-{_hms(ended)} port {port}: {result}")
         with contextlib.suppress(Exception):  # and what the nodes hold of the user now
             out.append(f"who {user}: {who(self, 1, user=user)}")
         return "\n".join(out[-80:])
@@ -410,6 +415,8 @@ class Load:
     hold: float = 0.1
     wrong_every: int = 0
     results: list[tuple[float, str, str]] = field(default_factory=list)  # (time, user, result)
+    # (started, ended, user, result, the client's port: the stores log it as rport)
+    trace: list[tuple[float, float, str, str, int]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
 
@@ -431,14 +438,18 @@ class Load:
             user = self.users[turn % len(self.users)]
             turn += self.threads
             wrong = bool(self.wrong_every) and turn % self.wrong_every == 0
-            self.results.append((time.time(), user, self._once(user, wrong)))
+            started, port = time.time(), [0]
+            result = self._once(user, wrong, port)
+            self.results.append((time.time(), user, result))
+            self.trace.append((started, time.time(), user, result, port[0]))
 
-    def _once(self, user: str, wrong: bool) -> str:
+    def _once(self, user: str, wrong: bool, port: list[int]) -> str:
         try:
             session = self.connect()
         except OSError as e:
             return f"connect: {e}"
         try:
+            port[0] = session.sock.getsockname()[1]
             reply = session.login(user, "not the password" if wrong else USERS[user])
             if wrong:
                 return "refused" if b"[AUTHENTICATIONFAILED]" in reply else f"wrong: {reply!r}"
@@ -646,7 +657,7 @@ def test_a_store_drained_under_load_never_has_a_user_on_two_stores(cluster: Clus
             assert out.returncode == 0, (out.stdout, out.stderr)
             drained = time.time()
             time.sleep(2.0)
-        cluster.assert_never_split()
+        cluster.assert_never_split(load, idle_load)
         on_a_after = [
             line for line in cluster.store_log("a").splitlines()
             if (m := _LOGIN.match(line)) and _stamp(m.group(1)) > drained + 0.5

@@ -162,8 +162,11 @@ async def move(
     if int(holders) < 0:
         return Moved(user, False, why="another move of this user is under way")
     kicked = 0
-    if int(holders) > 0:
+    # Kicked whatever Redis counts: a worker that counted on its own node while Redis did not
+    # answer for a moment holds sessions Redis learns of only at its resync.
+    if current or int(holders) > 0:
         kicked = await kick(redis, user, f"{pool.name}/{current}" if current else None, "admin")
+    if int(holders) > 0 or kicked:
         deadline = time.monotonic() + c.move_timeout
         while int(await redis.run("move_holders", pool.name, who)) > 0:
             if time.monotonic() > deadline:

@@ -6,6 +6,7 @@ members while either holds a session or a login on its way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 from collections.abc import Iterator
@@ -247,3 +248,66 @@ def test_a_resync_counts_the_sessions_that_end_or_begin_while_it_writes(redis_ur
     # Without this, an ended session stayed counted in Redis as long as the worker lived
     # (a user locked out at per_user on every node), and a new one was never counted.
     assert asyncio.run(resync_while_sessions_come_and_go(redis_url)) == (0, 1)
+
+
+async def move_of_a_session_redis_never_counted(
+    url: str,
+) -> tuple[Any, list[dict[str, Any]], str]:
+    """alice is assigned to a, and Redis counts nothing of hers: her session there began on a
+    worker that counted on its own node while Redis did not answer (it tells Redis at its
+    resync). A node answers the move's kick as clusternode.py does."""
+    import json
+
+    from mailgate import clusteradmin
+    from mailgate.config import parse
+
+    prefix = f"move-{secrets.token_hex(3)}"
+    settings = parse(
+        {
+            "cluster": {"redis_url": url, "prefix": prefix, "move_delay": 0.05},
+            "pool": [{"name": "stores", "members": ["10.0.0.1:143", "10.0.0.2:143"],
+                      "shared_storage": True, "affinity": True}],
+        },
+        base_dir=Path("."),
+    )  # fmt: skip
+    pool = settings.pools[0]
+    a, b = (m.name for m in pool.members)
+    redis = RedisState(redisconn.client(redisconn.parse_url(url), 5.0), prefix, "admin")
+    kicks: list[dict[str, Any]] = []
+    pubsub = redis.client.pubsub()
+    await pubsub.subscribe(clusteradmin.channel(redis, "kick"))
+
+    async def node() -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                kicks.append(json.loads(message["data"]))
+                await redis.call("RPUSH", redis.keys("kr", kicks[-1]["id"]), 1)
+
+    answering = asyncio.ensure_future(node())
+    try:
+        answer = await redis.login(
+            LoginRequest("t1", 10**6, None, "", "", True, None, "",
+                         [ClaimRequest(pool.name, "alice@example.com", 900_000, (a,), (a, b))])
+        )  # fmt: skip
+        assert answer.claims[0].member == a
+        await redis.call("DEL", redis.keys("ap", pool.name, "alice@example.com"))  # not counted
+        moved = await clusteradmin.move(redis, settings, pool, "alice@example.com", b)
+        return moved, kicks, a
+    finally:
+        answering.cancel()
+        with contextlib.suppress(BaseException):
+            await answering
+        await pubsub.aclose()
+        await redis.close()
+
+
+def test_a_move_kicks_the_users_sessions_on_the_old_member_even_if_redis_counts_none(
+    redis_url: str,
+) -> None:
+    # Before, a move kicked only when Redis counted sessions or logins of the user: a session
+    # Redis was not told of stayed on the old member while the user's next ones went to the
+    # new one (a user on two stores at once).
+    moved, kicks, old = asyncio.run(move_of_a_session_redis_never_counted(redis_url))
+    assert moved.ok and moved.kicked == 1, moved
+    assert [(k["user"], k["backend"]) for k in kicks] == [("alice@example.com", f"stores/{old}")]

@@ -82,6 +82,8 @@ MAX_AUTH_WAIT = 30.0
 # Hops a login may still take through proxies (IMAP ID "x-proxy-ttl"): Dovecot's default
 # proxy_ttl. A proxy in front may say fewer; a client cannot make it more.
 PROXY_TTL = 5
+# A session's backend until its login chose one (who lists it, the session line logs it).
+NO_BACKEND = "-"
 
 
 class Handshakes:
@@ -136,14 +138,18 @@ class Sessions:
         """End the matching sessions with the protocol's goodbye; how many there were.
 
         A matching login still on its way (authenticated, at the backend) gets a temporary
-        failure instead of its session: a move's kick must leave nothing on the old store."""
+        failure instead of its session: a move's kick must leave nothing on the old store.
+        So does the user's login whose backend is not chosen yet (its password still being
+        checked): its affinity member was given with its first round trip, before the move
+        began, and would be the old one."""
         records = self.matching(user, backend)
         for record in records:
             if record.relay is not None:
                 record.relay.kick()
         wanted = user_key(user) if user else None
         for session in self.preauth:
-            if session.user and _selected(session, wanted, backend):
+            unchosen = wanted is not None and session.backend == NO_BACKEND
+            if session.user and _selected(session, wanted, None if unchosen else backend):
                 session.kicked = True
         return len(records)
 
@@ -204,7 +210,7 @@ class Session:
         self.chan = chan
         self.started = time.monotonic()
         self.user = ""
-        self.backend = "-"
+        self.backend = NO_BACKEND
         self.reason = CloseReason.EOF
         self.attempts = 0
         self.lease: tuple[str | None, str, bool] | None = None  # the session counted in [limits]

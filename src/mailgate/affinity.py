@@ -125,6 +125,24 @@ class Affinity:
             if len(self._remembered) > REMEMBERED:
                 self._remembered.popitem(last=False)
 
+    def forget(self, user: str | None, backend: str | None) -> int:
+        """A kick of `user` on `backend` ("pool/member"; None: anywhere) came (a move's or
+        the operator's): this node no longer takes the user's member from its memory, where
+        it would send them back to it while Redis is away after a move took them elsewhere.
+        How many remembered members went."""
+        if not user:
+            return 0
+        who = affinity_user(user)
+        pool, _, member = (backend or "").partition("/")
+        gone = [
+            key
+            for key, remembered in self._remembered.items()
+            if key[1] == who and (backend is None or (key[0] == pool and remembered == member))
+        ]
+        for key in gone:
+            del self._remembered[key]
+        return len(gone)
+
     # --- the router's hook --------------------------------------------------------------------
 
     async def plan(

@@ -287,6 +287,8 @@ class Worker:
         if op == "who":
             return self.sessions.describe(*args)
         if op == "kick":
+            if self.router.affinity is not None:
+                self.router.affinity.forget(*args)
             return self.sessions.kick(*args)
         if op == "stats":
             return self.stats()

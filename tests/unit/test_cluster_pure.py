@@ -154,6 +154,36 @@ def test_an_assigned_member_that_drains_or_ramps_still_takes_its_users() -> None
     assert target is not None and target.member is not None and target.member.name == "a"
 
 
+def test_a_kick_makes_a_node_forget_the_member_it_would_guess_without_redis() -> None:
+    """After a move's kick, a node that cannot reach Redis must not send the user back to the
+    member the move took them from (it chooses as for a new user instead)."""
+    r = router()
+    hook = Affinity(r, None)
+    r.affinity = hook
+    from mailgate.redisstore import Claim
+
+    user = "alice@example.com"
+    hook.remember(Claim("stores", user, "a", "ok"))
+    event(r, P.EventKind.DRAIN, "a")  # a drain: its users are moved away, one kick each
+    route = Route("stores", 143, user, Secret("x"), pool="stores")
+
+    def member() -> str:
+        plan = asyncio.run(r.plan_login(route, "imap", user))
+        assert isinstance(plan, AssignedPlan)
+        target = plan.next()
+        assert target is not None and target.member is not None
+        return target.member.name
+
+    assert member() == "a"
+    assert hook.forget(user, "stores/b") == 0  # a kick elsewhere changes nothing
+    assert hook.forget("bob@example.com", "stores/a") == 0
+    assert member() == "a"
+    assert hook.forget("Alice@Example.com", "stores/a") == 1
+    assert member() == assignable(r.pools["stores"], r.state, user, 1000.0)[0] != "a"
+    hook.remember(Claim("stores", user, "c", "ok"))
+    assert hook.forget(user, None) == 1  # a kick of the user anywhere
+
+
 def test_affinity_user_names() -> None:
     assert affinity_user("Alice@Example.COM") == "alice@example.com"
     assert affinity_user("192.0.2.7") == "ip:192.0.2.7"

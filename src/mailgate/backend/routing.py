@@ -157,6 +157,8 @@ class AffinityHook(Protocol):
 
     def failed(self, target: Target) -> None: ...
 
+    def forget(self, user: str | None, backend: str | None) -> int: ...
+
 
 # A relayed session as counted on its member: the metric's labels, and the cluster's own
 # ending for an affinity pool's session.

@@ -36,7 +36,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +167,15 @@ class ClusterStore:
             )
             self.healthy = False
 
+    @contextlib.contextmanager
+    def _asking_redis(self) -> Iterator[None]:
+        """Around a login's Redis call: a resync waits for those under way (`_calls_done`)."""
+        self._asking += 1
+        try:
+            yield
+        finally:
+            self._asking -= 1
+
     def _ticket(self, attempt: Attempt | None, on_redis: bool) -> Ticket:
         ticket = Ticket(f"{self.redis.owner}:{next(self._ids)}", attempt, on_redis)
         TICKET.set(ticket)
@@ -194,15 +203,13 @@ class ClusterStore:
             lease_user=user,
             claims=claims,
         )
-        self._asking += 1
         try:
-            answer = await self.redis.login(request)
+            with self._asking_redis():
+                answer = await self.redis.login(request)
         except RedisUnavailable as e:
             self._down(e)
             self._ticket(attempt, False)
             return await self.node.begin(attempt)
-        finally:
-            self._asking -= 1
         TICKET.set(ticket)
         ticket.user_failures = answer.user_failures
         if answer.lease:
@@ -249,14 +256,12 @@ class ClusterStore:
             return Settled(0, 0)
         args = (ticket.id, self.throttle, attempt.ip, attempt.user or "", attempt.trusted,
                 outcome, identity or "", lease, claims)  # fmt: skip
-        self._asking += 1
         try:
-            s = await self.redis.settle(*args)
+            with self._asking_redis():
+                s = await self.redis.settle(*args)
         except RedisUnavailable as e:
             self._down(e)
             return await self.node.end(attempt, outcome, identity)
-        finally:
-            self._asking -= 1
         return Settled(s.ip_failures, s.user_failures, s.locked, s.spraying, s.identity_locked)
 
     def _taken_lease(self, ticket: Ticket) -> LeaseKey | None:
@@ -298,14 +303,12 @@ class ClusterStore:
             limits=self.limits,
             lease_user=user or "",
         )
-        self._asking += 1
         try:
-            answer = await self.redis.login(request)
+            with self._asking_redis():
+                answer = await self.redis.login(request)
         except RedisUnavailable as e:
             self._down(e)
             return await self._acquire_on_node(key)
-        finally:
-            self._asking -= 1
         if answer.lease == "ok":
             self.held_redis[key] += 1
             return None
@@ -366,7 +369,8 @@ class ClusterStore:
             claims=[affinity.request(pool, user, affinity.router.clock())],
         )
         try:
-            answer = await self.redis.login(request)
+            with self._asking_redis():
+                answer = await self.redis.login(request)
         except RedisUnavailable as e:
             self._down(e)
             return None

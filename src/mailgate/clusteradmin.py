@@ -33,8 +33,12 @@ from mailgate.redisstore import RedisState, RedisUnavailable
 
 # Commands that change nothing: nothing to publish.
 READ_ONLY = frozenset({"list", "test", "init", "upgrade"})
+# How long a kick or an invalidation waits for the nodes' answers at most.
 KICK_WAIT = 2.0
+# How often a move asks whether the user's sessions have ended; answers are asked for from
+# FIRST_POLL on, twice as long each time up to POLL.
 POLL = 0.05
+FIRST_POLL = 0.002
 
 
 def client(settings: Settings) -> RedisState:
@@ -107,10 +111,12 @@ async def _replies(redis: RedisState, reply_id: str, expected: int) -> tuple[int
     replies, total = 0, 0
     deadline = time.monotonic() + KICK_WAIT
     key = redis.keys("kr", reply_id)
+    pause = FIRST_POLL  # the nodes answer within milliseconds: a drain kicks every user
     while replies < expected and time.monotonic() < deadline:
         answer = await redis.call("LPOP", key)
         if answer is None:
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, POLL)
             continue
         replies += 1
         total += int(answer)

@@ -176,9 +176,17 @@ class RedisGate:
     def waiting(self) -> int:
         return int(self._call(lambda: len(self.held)))
 
-    def waiting_for(self, marker: bytes) -> bool:
-        """A held reply answers a request that carries `marker` (a user's name)."""
-        return bool(self._call(lambda: any(marker in r for r in self.held_requests)))
+    def waiting_for(self, marker: bytes, among: tuple[bytes, ...] = ()) -> bool:
+        """A held reply answers a request that carries `marker` (a user's name), and one of
+        `among` if given (the SHA1 of the scripts that count)."""
+
+        def found() -> bool:
+            return any(
+                marker in r and (not among or any(sha in r for sha in among))
+                for r in self.held_requests
+            )
+
+        return bool(self._call(found))
 
     def seen(self) -> int:
         return int(self._call(lambda: self.requests))

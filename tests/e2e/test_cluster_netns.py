@@ -199,13 +199,24 @@ class Cluster:
         test clients' attempts (start, end, result, port) for the user around then."""
         user, a_start, _, a_id, b_start, _, b_id = split
         out = []
-        ports = set()
+        ports, processes = set(), set()
         for store, sid in (("a", a_id), ("b", b_id)):
             for line in self.store_log(store).splitlines():
                 if f"<{sid}>" in line:
                     out.append(f"store {store}: {line}")
                     if m := re.search(r"rport=(\d+)", line):
                         ports.add(m.group(1))
+                    if m := re.search(r"mpid=(\d+)", line):
+                        processes.add(m.group(1))
+        # The stores' imap processes of the two sessions, if still there, and their sockets:
+        # ESTAB means mailgate still holds the connection, CLOSE-WAIT that Dovecot has not
+        # noticed it closing.
+        for pid in processes:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                ps = ["ps", "-o", "pid,stat,etime,wchan:30,args", "-p", pid]
+                out.append(subprocess.run(ps, capture_output=True, text=True).stdout.strip())
+                sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True)
+                out += [line for line in sockets.stdout.splitlines() if f"pid={pid}," in line]
         near = (min(a_start, b_start) - 5, max(a_start, b_start) + 5)
         events = re.compile(r"Redis|affinity|kicked|cluster:|moving|moved|no backend")
         for node in self.nodes:

@@ -54,9 +54,19 @@ _LOGIN_FORMAT = (
     "login_log_format_elements = user=<%u> method=%m rip=%r rport=%{rport} lip=%l mpid=%e "
     "%c session=<%{session}>\n"
 )
-_STORE_CONF = f'log_timestamp = "{_STAMP.replace("%f", "%{usecs}")} "\n{_LOGIN_FORMAT}'
 _LOGIN = re.compile(r"^(\S+ \S+) imap-login: Info: Login: user=<([^>]*)>.*session=<([^>]+)>")
-_END = re.compile(r"^(\S+ \S+) imap\(([^)]*)\)<\d+><([^>]+)>: Info: Disconnected")
+# A session's end, by the session id its imap process writes into the line itself: under
+# load Dovecot's log process now and then writes an ending without the process's
+# "imap(user)<pid><session>" prefix ("imap: Info: Disconnected: Logged out ..."; caught on
+# this box by a drain stress run), and that session then looked open for good: a split that
+# never was (mailgate had logged the session's end, the process was gone).
+_LOGOUT_FORMAT = "imap_logout_format = in=%i out=%o session=<%{session}>\n"
+_END = re.compile(
+    r"^(\S+ \S+) imap(?:\([^)]*\)<\d+><[^>]+>)?: Info: Disconnected.* session=<([^>]+)>$"
+)
+_STORE_CONF = (
+    f'log_timestamp = "{_STAMP.replace("%f", "%{usecs}")} "\n{_LOGIN_FORMAT}{_LOGOUT_FORMAT}'
+)
 
 
 @dataclass
@@ -170,7 +180,7 @@ class Cluster:
                 if m := _LOGIN.match(line):
                     logins[m.group(3)] = (m.group(2), _stamp(m.group(1)))
                 elif m := _END.match(line):
-                    ends[m.group(3)] = _stamp(m.group(1))
+                    ends[m.group(2)] = _stamp(m.group(1))
             for session, (user, start) in logins.items():
                 end = ends.get(session, time.time() + 3600)
                 found.setdefault(user, []).append((store, start, max(start, end), session))

@@ -134,14 +134,13 @@ class Affinity:
             return 0
         who = affinity_user(user)
         pool, _, member = (backend or "").partition("/")
-        gone = [
-            key
-            for key, remembered in self._remembered.items()
-            if key[1] == who and (backend is None or (key[0] == pool and remembered == member))
-        ]
-        for key in gone:
-            del self._remembered[key]
-        return len(gone)
+        gone = 0
+        for name in self.pools if backend is None else (pool,):  # a lookup each: a drain
+            remembered = self._remembered.get((name, who))  # kicks every user it moves
+            if remembered is not None and (backend is None or remembered == member):
+                del self._remembered[(name, who)]
+                gone += 1
+        return gone
 
     # --- the router's hook --------------------------------------------------------------------
 
